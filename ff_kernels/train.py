@@ -1,7 +1,7 @@
 """The main job: train an FFNet with the fused ops on real data, report test accuracy and speed.
 
     python -m ff_kernels.train                       # scikit-learn's digits, ships offline
-    python -m ff_kernels.train --dataset idx --data-dir ~/mnist --sizes 784,500,500 --preset recipe
+    python -m ff_kernels.train --dataset idx --data-dir ~/mnist --sizes 500,500 --preset recipe
 
 Ends with one JSON line: test_accuracy, train_seconds, samples_per_second, backend, device, config.
 """
@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=("digits", "idx"), default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits; idx: MNIST-format files in --data-dir")
     p.add_argument("--data-dir", help="directory holding the four (Fashion-)MNIST IDX files, raw or .gz")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="digits")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="hyper-parameters; default 'digits' for --dataset digits, 'recipe' for idx")
     p.add_argument("--sizes", default=None,
                    help="comma-separated hidden widths (input width is the data's); default 256,256")
     p.add_argument("--epochs", type=int, default=60)
@@ -77,6 +78,7 @@ def main(argv=None) -> dict:
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
 
     hidden = [int(s) for s in args.sizes.split(",")] if args.sizes else [256, 256]
+    args.preset = args.preset or ("digits" if args.dataset == "digits" else "recipe")
     preset = dict(PRESETS[args.preset])
     if args.lr is not None:
         preset["lr"] = args.lr
