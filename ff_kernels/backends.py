@@ -12,6 +12,7 @@ its inputs plus declared in-place updates, the shape ``torch.library`` needs to 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -139,6 +140,7 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)  # asked on every "auto" call; the answer is fixed per process
 def _triton_unavailable() -> Optional[str]:
     import importlib.util
     if importlib.util.find_spec("triton") is None:
@@ -159,8 +161,42 @@ def _triton_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[st
 register_backend(Backend(
     name="triton",
     module="ff_kernels.triton_backend",
-    priority=20,
+    # "auto" order = expected speed until the GPU benchmarks rank them: Triton's autotuned tl.dot
+    # (wgmma on Hopper) ahead of the first, WMMA-based CUDA kernels.
+    priority=30,
     auto_device_types=("cuda",),  # the interpreter is for tests: "auto" never picks it on the CPU
     unavailable_reason=_triton_unavailable,
     unsupported_reason=_triton_unsupported,
+))
+
+
+# ---------------------------------------------------------------- the CUDA C++ backend
+@functools.lru_cache(maxsize=None)
+def _cuda_unavailable() -> Optional[str]:
+    """None when ff_kernels._C loaded and sees a CUDA device, else why not (never raises)."""
+    from ._ext import load_extension
+    mod, reason = load_extension()
+    if mod is None:
+        return reason
+    count, why = mod.device_count()
+    if count <= 0:
+        return f"ff_kernels._C sees no CUDA device: {why or 'device count is 0'}"
+    return None
+
+
+def _cuda_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cuda":
+        return f"tensors on {device}: the CUDA backend runs on CUDA devices only"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype}: the CUDA kernels take float16, bfloat16 or float32"
+    return None
+
+
+register_backend(Backend(
+    name="cuda",
+    module="ff_kernels.cuda_backend",
+    priority=20,
+    auto_device_types=("cuda",),
+    unavailable_reason=_cuda_unavailable,  # lazy: the extension loads on the first query, not at import
+    unsupported_reason=_cuda_unsupported,
 ))
