@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command (sized for < 5 min on an H100): build the CUDA extension, run the whole
 # test suite on the GPU, optionally the sanitizers, then the benchmarks; prints a short table and
-# leaves logs + JSON under $OUT (default bench/results/latest).
+# leaves logs + JSON under $OUT (default bench/results/latest; 8 files at most, the device tool's limit).
 #   OUT=/tmp/out bash bench/gpu_check.sh        SANITIZE=1 also runs bench/sanitizer.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,13 +21,18 @@ FF_KERNELS_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:
   || { tail -60 "$OUT/build.log"; echo "gpu_check: build FAILED"; exit 1; }
 echo "build: $((SECONDS - t0)) s (archs $FF_KERNELS_CUDA_ARCHS)" | tee -a "$OUT/machine.txt"
 
-t0=$SECONDS
-FF_KERNELS_REQUIRE_EXTENSION=1 timeout "${TEST_TIMEOUT:-200}" \
-  $PY -m pytest tests -q -p no:cacheprovider --durations=10 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-rc_tests=$?
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
-tail -14 "$OUT/tests.log"
-echo "tests: rc=$rc_tests in $((SECONDS - t0)) s"
+# Each group under its own time limit, so one slow group cannot hide the others' results.
+rc_tests=0
+for group in "reference:tests/test_reference.py tests/test_validation.py tests/test_nn.py tests/test_extension.py" \
+             "triton:tests/test_triton_backend.py" "cuda:tests/test_cuda_backend.py"; do
+  name=${group%%:*}; files=${group#*:}
+  t0=$SECONDS
+  FF_KERNELS_REQUIRE_EXTENSION=1 timeout "${TEST_TIMEOUT:-150}" $PY -m pytest $files -q -p no:cacheprovider \
+    --durations=5 > "$OUT/tests_$name.log" 2>&1
+  rc=$?; rc_tests=$(( rc_tests || rc ))
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_$name.log" | head -25
+  echo "tests[$name]: rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/tests_$name.log")"
+done
 
 rc_san=0
 if [ "${SANITIZE:-0}" = 1 ] && [ -f bench/sanitizer.sh ]; then
