@@ -119,3 +119,19 @@ def test_train_idx_without_files_says_what_is_missing(tmp_path):
         train.main(["--dataset", "idx", "--data-dir", str(tmp_path), "--no-progress"])
     with pytest.raises(SystemExit, match="--data-dir"):
         train.main(["--dataset", "idx", "--no-progress"])
+
+
+def test_train_main_job_on_idx_files(tmp_path, capsys):
+    """--dataset idx end to end on a tiny synthetic IDX directory (gzipped), default 'mnist' preset."""
+    import numpy as np
+
+    from tests.test_data import _write_idx
+    rng = np.random.default_rng(0)
+    for name, shape in (("train-images-idx3-ubyte", (40, 4, 4)), ("train-labels-idx1-ubyte", (40,)),
+                        ("t10k-images-idx3-ubyte", (12, 4, 4)), ("t10k-labels-idx1-ubyte", (12,))):
+        high = 10 if "labels" in name else 256
+        _write_idx(tmp_path / f"{name}.gz", rng.integers(0, high, shape), gz=True)
+    result = train.main(["--dataset", "idx", "--data-dir", str(tmp_path), "--epochs", "2", "--sizes", "8",
+                         "--no-progress"])
+    assert result["config"]["preset"] == "mnist" and result["config"]["sizes"] == [16, 8]
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["samples_per_second"] > 0
