@@ -10,6 +10,7 @@
 
 #include "cuda_check.h"
 #include "ff_layer_kernels.cuh"
+#include "launch.h"
 
 namespace ff_kernels {
 namespace {
@@ -143,7 +144,7 @@ void run_typed(const FFLayerArgs& a, cudaStream_t stream) {
   fp.y = reinterpret_cast<void*>(a.y);
   fp.q = q;
   const dim3 grid_fwd{unsigned(ceil_div(m, kTile)), unsigned(ceil_div(a.n, kTile)), 1u};
-  ff_forward_kernel<T, kKind><<<grid_fwd, kThreads, 0, stream>>>(fp);
+  FF_LAUNCH(grid_fwd, kThreads, stream, ff_forward_kernel<T, kKind>)(fp);
   check_launch(op, "ff_forward_kernel");
 
   // 2. row finalise: goodness, loss, coefficient, normalisation
@@ -157,7 +158,7 @@ void run_typed(const FFLayerArgs& a, cudaStream_t stream) {
   rp.threshold = float(a.threshold);
   rp.eps = float(a.eps);
   rp.alpha = float(a.alpha);
-  ff_finalize_kernel<T><<<unsigned(ceil_div(m, kWarps)), kThreads, 0, stream>>>(
+  FF_LAUNCH(unsigned(ceil_div(m, kWarps)), kThreads, stream, ff_finalize_kernel<T>)(
       rp, q, reinterpret_cast<T*>(a.y), reinterpret_cast<float*>(a.g), f,
       step ? reinterpret_cast<float*>(a.loss_out) : nullptr, fmax);
   check_launch(op, "ff_finalize_kernel");
@@ -191,7 +192,7 @@ void run_typed(const FFLayerArgs& a, cudaStream_t stream) {
   wp.gb = a.bias != 0 ? ws + wl.gb : nullptr;
   wp.chunk = chunk;
   const dim3 grid_wgrad{unsigned(ktiles), unsigned(ntiles), unsigned(splits)};
-  ff_wgrad_kernel<T, kKind><<<grid_wgrad, kThreads, 0, stream>>>(wp);
+  FF_LAUNCH(grid_wgrad, kThreads, stream, ff_wgrad_kernel<T, kKind>)(wp);
   check_launch(op, "ff_wgrad_kernel");
 
   // 4. gradients out in the weight dtype, or the fused SGD step in place
@@ -216,7 +217,7 @@ void run_typed(const FFLayerArgs& a, cudaStream_t stream) {
   ap.weight_decay = float(a.weight_decay);
   const int64_t total = ap.nk + (ap.gb != nullptr ? a.n : 0);
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), int64_t(std::max(sms, 1)) * 16);
-  ff_apply_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(ap);
+  FF_LAUNCH(unsigned(blocks), kThreads, stream, ff_apply_kernel<T>)(ap);
   check_launch(op, "ff_apply_kernel");
 }
 

@@ -7,6 +7,7 @@ import itertools
 import torch
 
 import ff_kernels as ffk
+from ff_kernels import reference
 
 # Norm-wise relative error |out - ref| / |ref| allowed against the float64 reference, per input dtype.
 TOLERANCE = {
@@ -63,3 +64,53 @@ def poison_(*tensors) -> None:
     for t in tensors:
         if t is not None:
             t.fill_(float("nan"))
+
+
+def rel_err_in_dtype(out, ref, scale=None):
+    """rel_err against the float64 reference rounded to the output's dtype: the best a kernel can
+    return. Rounding costs nothing against the tolerances (2^-11 for fp16 against 1e-2) but keeps
+    values the dtype cannot hold from failing a right kernel: a saturated loss (g far above theta,
+    likely with a single row) gives gradients ~1e-8, below fp16's smallest subnormal (6e-8), so an
+    fp16 grad_bias of -0 against -2e-8 would be a relative error of 1.0.
+    scale: the norm to divide by instead of the reference's own (see gradient_term_norms)."""
+    ref = ref.to(out.dtype)
+    if scale is None:
+        return rel_err(out, ref)
+    return (out.double() - ref.double()).norm().item() / max(scale, 1e-300)
+
+
+FEW_ROWS = 16
+
+
+def gradient_term_norms(x_pos, x_neg, w, b, config):
+    """Norms of |G|^T |X| and sum_i |G_i| (G = dL/dz, float64): grad_weight and grad_bias as they
+    would be if no two rows' contributions cancelled. Rounding the GEMM operands (tf32: 2^-11 per
+    term; fp16/bf16 y) errs relative to the terms, not to their sum, so with a handful of rows a
+    near-cancelling pair (say a positive and a negative row pulling one weight almost equally) can
+    leave a right kernel several tolerances off the sum (seen: 5.6e-3 against 2e-3 for tf32 on
+    1+1x1->1). For M <= FEW_ROWS the gradients are measured against these norms, the rigorous
+    bound for a sum of rounded terms; for more rows against the reference's own norm, as on the GPU."""
+    n = w.shape[0]
+    x = torch.cat([x_pos, x_neg]).double()
+    h = (x @ w.double().t() + (0.0 if b is None else b.double())).clamp_min(0.0)
+    g = reference.goodness_from_sumsq(h.square().sum(1), config, n)
+    _, dg = reference.loss_and_goodness_grad(g, x_pos.shape[0], config, config.threshold(n))
+    gz = (dg * reference.goodness_grad_factor(config, n))[:, None] * h
+    return (gz.abs().t() @ x.abs()).norm().item(), gz.abs().sum(0).norm().item()
+
+
+def assert_step_close(out, ref, tol, what="", grad_scales=(None, None)):
+    """Every output of a fused step within ``tol`` of the float64 reference step ``ref`` (NaN fails)."""
+    assert out.g_pos.dtype == torch.float32 and out.loss.dtype == torch.float32
+    assert out.loss.dim() == 0
+    errs = {
+        "y": rel_err_in_dtype(torch.cat([out.y_pos, out.y_neg]), torch.cat([ref.y_pos, ref.y_neg])),
+        "g": rel_err_in_dtype(torch.cat([out.g_pos, out.g_neg]), torch.cat([ref.g_pos, ref.g_neg])),
+        "loss": rel_err_in_dtype(out.loss, ref.loss),
+    }
+    if ref.grad_weight is not None:
+        errs["grad_weight"] = rel_err_in_dtype(out.grad_weight, ref.grad_weight, grad_scales[0])
+    if ref.grad_bias is not None:
+        errs["grad_bias"] = rel_err_in_dtype(out.grad_bias, ref.grad_bias, grad_scales[1])
+    bad = {k: v for k, v in errs.items() if not v <= tol}  # "not <=" also catches NaN
+    assert not bad, f"{what} errors above {tol}: {bad} (all: {errs})"
