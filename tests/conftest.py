@@ -9,6 +9,18 @@ if not torch.cuda.is_available():
 
 import ff_kernels.backends as backends  # noqa: E402
 
+@pytest.fixture(scope="module")
+def ext():
+    """The compiled ff_kernels._C: skipped when absent, a failure under FF_KERNELS_REQUIRE_EXTENSION=1."""
+    from ff_kernels._ext import load_extension
+    mod, reason = load_extension()
+    if mod is None:
+        if os.environ.get("FF_KERNELS_REQUIRE_EXTENSION") == "1":
+            pytest.fail(f"FF_KERNELS_REQUIRE_EXTENSION=1 but {reason}")
+        pytest.skip(reason)
+    return mod
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none visible")
 
 

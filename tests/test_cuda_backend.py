@@ -17,23 +17,12 @@ import pytest
 import torch
 
 import ff_kernels as ffk
-from ff_kernels._ext import load_extension
 from tests.conftest import requires_cuda
 from tests.utils import (ALL_CONFIGS, FEW_ROWS, TOLERANCE, assert_step_close, config_id,
                          float64_reference, gradient_term_norms, make_layer, rel_err)
 
-REQUIRED = os.environ.get("FF_KERNELS_REQUIRE_EXTENSION") == "1"
 HAS_GPU = torch.cuda.is_available()
 
-
-@pytest.fixture(scope="module")
-def ext():
-    mod, reason = load_extension()
-    if mod is None:
-        if REQUIRED:
-            pytest.fail(f"FF_KERNELS_REQUIRE_EXTENSION=1 but {reason}")
-        pytest.skip(reason)
-    return mod
 
 
 # ================================================================ CPU: registration and API

@@ -15,21 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ff_kernels._ext import extension_status, load_extension
+from ff_kernels._ext import extension_status
 from ff_kernels._version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = os.environ.get("FF_KERNELS_REQUIRE_EXTENSION") == "1"
 
-
-@pytest.fixture(scope="module")
-def ext():
-    mod, reason = load_extension()
-    if mod is None:
-        if REQUIRED:
-            pytest.fail(f"FF_KERNELS_REQUIRE_EXTENSION=1 but {reason}")
-        pytest.skip(reason)
-    return mod
 
 
 def test_module_imports_without_gpu(ext):
