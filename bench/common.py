@@ -82,7 +82,7 @@ def measured_rates(device: torch.device, dtype: torch.dtype) -> tuple:
     """(matmul FLOP/s for dtype, copy bytes/s) measured here; tf32 counts for fp32 when enabled."""
     key = (str(device), dtype, torch.backends.cuda.matmul.allow_tf32)
     if key not in _RATES:
-        s = 8192 if device.type == "cuda" else 1024
+        s = 8192 if device.type == "cuda" else 2048
         a = torch.randn(s, s, device=device).to(dtype)
         # the best of several runs: the floor is what the hardware can do, not a typical run
         mm_ms = median_ms(lambda: a @ a, device, iters=10, stat=min)

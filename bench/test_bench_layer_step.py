@@ -38,7 +38,7 @@ def test_layer_step(benchmark, shape, variant):
         sync(DEVICE)
 
     benchmark.group = shape.id
-    rounds = 20 if DEVICE.type == "cuda" else 5
+    rounds = 20 if DEVICE.type == "cuda" else 10
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=3 if variant != "compile" else 5)
     ms = benchmark.stats.stats.median * 1e3
     floor = floor_ms(shape, DEVICE)
