@@ -194,8 +194,9 @@ def test_strided_inputs_equal_contiguous():
     out_strided = ffk.ff_layer_step(wide[:, ::2], x_neg.t().contiguous().t(), w.t().contiguous().t(), b,
                                     backend="torch")
     out = ffk.ff_layer_step(x_pos, x_neg, w, b, backend="torch")
-    assert torch.allclose(out_strided.grad_weight, out.grad_weight, rtol=1e-6, atol=1e-7)
-    assert torch.allclose(out_strided.y_pos, out.y_pos, rtol=1e-6, atol=1e-7)
+    # the same math; BLAS may sum in another order for another layout, so fp32 rounding, not bits
+    for name in ("grad_weight", "grad_bias", "y_pos", "y_neg", "g_pos", "loss"):
+        assert rel_err(getattr(out_strided, name), getattr(out, name)) < 1e-5, name
 
 
 def test_ops_build_no_autograd_graph():
