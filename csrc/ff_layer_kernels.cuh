@@ -325,6 +325,15 @@ struct ForwardParams {
   float* q;  // [m], zeroed
 };
 
+// x[i, kk] of [x_pos; x_neg] (in range): row i < m_pos from x_pos, else row i - m_pos of x_neg,
+// each through its own strides. The one place that addresses the two halves.
+template <typename T>
+__device__ __forceinline__ float x_element(const T* xp, const T* xn, int64_t m_pos, int64_t sp_r,
+                                           int64_t sp_c, int64_t sn_r, int64_t sn_c, int64_t i,
+                                           int64_t kk) {
+  return i < m_pos ? to_f32(xp[i * sp_r + kk * sp_c]) : to_f32(xn[(i - m_pos) * sn_r + kk * sn_c]);
+}
+
 // A(r, kk) = x[row0 + r, kk]; rows of x_pos then x_neg, each through its own strides.
 template <typename T>
 struct XRowsFetch {
@@ -334,7 +343,7 @@ struct XRowsFetch {
   __device__ __forceinline__ float operator()(int r, int64_t kk) const {
     const int64_t i = row0 + r;
     if (i >= m || kk >= k) return 0.f;
-    return i < m_pos ? to_f32(xp[i * sp_r + kk * sp_c]) : to_f32(xn[(i - m_pos) * sn_r + kk * sn_c]);
+    return x_element(xp, xn, m_pos, sp_r, sp_c, sn_r, sn_c, i, kk);
   }
 };
 
@@ -568,7 +577,7 @@ struct XColsFetch {
   __device__ __forceinline__ float operator()(int c, int64_t i) const {
     const int64_t kk = k0 + c;
     if (kk >= k || i >= iend) return 0.f;
-    return i < m_pos ? to_f32(xp[i * sp_r + kk * sp_c]) : to_f32(xn[(i - m_pos) * sn_r + kk * sn_c]);
+    return x_element(xp, xn, m_pos, sp_r, sp_c, sn_r, sn_c, i, kk);
   }
 };
 
