@@ -6,12 +6,16 @@ Environment:
   FF_KERNELS_CUDA_ARCHS        CMAKE_CUDA_ARCHITECTURES, default "80;90" (A100, H100).
   FF_KERNELS_CUTLASS_DIR       optional CUTLASS include dir (else the nvidia-cutlass package, if any).
   CMAKE_BUILD_PARALLEL_LEVEL   compile jobs, default 2.
+  FF_KERNELS_NVCC_THREADS      archs nvcc compiles at once per .cu file (nvcc --threads), default 1.
+  FF_KERNELS_CMAKE_ARGS        extra CMake arguments (shell words), e.g. "-DFF_KERNELS_PORTABLE_LINK=OFF".
+Portable wheels for clusters (manylinux_2_28, all default archs): scripts/build_wheel.sh, docs/WHEELS.md.
 Static metadata lives in pyproject.toml; this file only adds the extension.
 """
 
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -122,6 +126,10 @@ class CMakeBuild(build_ext):
             f"-DFF_KERNELS_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
             f"-DFF_KERNELS_CUTLASS_DIR={_cutlass_dir()}",
         ]
+        threads = os.environ.get("FF_KERNELS_NVCC_THREADS", "").strip()
+        if threads:
+            args.append(f"-DFF_KERNELS_NVCC_THREADS={threads}")
+        args += shlex.split(os.environ.get("FF_KERNELS_CMAKE_ARGS", ""))
         # A cache made with another interpreter/compiler/toolchain (e.g. a previous isolated build
         # env, since deleted) cannot be reconfigured in place: start that build dir afresh.
         stamp = build_dir / "ff_kernels_config.json"

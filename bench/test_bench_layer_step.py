@@ -1,35 +1,48 @@
-"""Throughput of one FF layer step (positives + negatives): fused backends vs the eager recipe.
+"""Throughput of one FF layer step (positives + negatives): fused backends vs the eager recipe,
+torch.compile of it and the two GEMMs alone.
 
-    pytest bench/ --benchmark-only            # CPU: shrunk shapes; GPU: DESIGN.md section 5 shapes
-    FF_BENCH_JSON=out.json pytest bench/ ...  # also write the summary table as JSON
+    pytest bench/ --benchmark-only                # CPU: shrunk shapes; GPU: DESIGN.md section 5 shapes
+    FF_BENCH_JSON=out.json pytest bench/ ...      # also write the summary table as JSON
+    FF_BENCH_JSONL=out.jsonl pytest bench/ ...    # append each result as one JSON line when measured
 
-Every variant of a shape runs in the same session, so the speed-ups in the summary are like for like.
+Every variant of a shape runs in the same session, so the ratios in the summary are like for like.
+bench/conftest.py runs the variants cheapest-and-most-wanted first: the two GEMMs (every other row's
+"x of 2-GEMM time" needs them), the fused backends, eager, then torch.compile (long compiles).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
-from bench.common import (bench_device, eager_recipe, floor_ms, fused_step, peak_extra_mb, shapes_for,
-                          sync, timed_backends)
+from bench.common import (DRY_RUN, append_jsonl, bench_device, compile_backend, eager_recipe,
+                          fused_step, layer_row, shapes_for, sync, timed_backends, two_gemms,
+                          with_compile)
 
 DEVICE = bench_device()
 SHAPES = shapes_for(DEVICE)
-# torch.compile is a baseline on the GPU; on a 2-core CPU its compile time dwarfs the run (opt in).
-VARIANTS = ["eager"] + (["compile"] if DEVICE.type == "cuda" or os.environ.get("FF_BENCH_COMPILE") else [])
-VARIANTS += [f"ffk-{name}" for name in timed_backends(DEVICE)]
+VARIANTS = ["2gemm"] + [f"ffk-{name}" for name in timed_backends(DEVICE)] + ["eager"]
+VARIANTS += ["compile"] if with_compile(DEVICE) else []
 
 RESULTS: list = []  # read by bench/conftest.py's summary
+
+
+def rounds_for(variant: str) -> tuple:
+    """(rounds, warmup rounds): the dry run only rehearses; compile warms up its recompiles."""
+    if DRY_RUN:
+        return 3, 1
+    return (20 if DEVICE.type == "cuda" else 10), (5 if variant == "compile" else 3)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
 def test_layer_step(benchmark, shape, variant):
-    if variant == "eager" or variant == "compile":
+    extra = {}
+    if variant == "2gemm":
+        step = two_gemms(shape, DEVICE)
+    elif variant in ("eager", "compile"):
         step = eager_recipe(shape, DEVICE, compile=variant == "compile")
+        if variant == "compile":
+            extra["compile_backend"] = compile_backend()
     else:
         step = fused_step(shape, DEVICE, variant.removeprefix("ffk-"))
 
@@ -38,13 +51,9 @@ def test_layer_step(benchmark, shape, variant):
         sync(DEVICE)
 
     benchmark.group = shape.id
-    rounds = 20 if DEVICE.type == "cuda" else 10
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=3 if variant != "compile" else 5)
-    ms = benchmark.stats.stats.median * 1e3
-    floor = floor_ms(shape, DEVICE)
-    row = dict(shape=shape.id, variant=variant, device=str(DEVICE), ms=ms,
-               tflops=shape.flops() / (ms / 1e3) / 1e12, floor_ms=floor, pct_of_floor=100 * floor / ms,
-               peak_extra_mb=peak_extra_mb(step, DEVICE),
-               tf32=bool(torch.backends.cuda.matmul.allow_tf32))
-    benchmark.extra_info.update(row)
+    rounds, warmup = rounds_for(variant)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    row = layer_row(shape, variant, benchmark.stats.stats.median * 1e3, DEVICE, step, rounds, **extra)
+    benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
     RESULTS.append(row)
+    append_jsonl(row)

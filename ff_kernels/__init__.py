@@ -6,9 +6,9 @@ from .backends import (FFStepOutput, SGDUpdate, available_backends, backend_stat
                        register_backend)
 from .config import FFConfig
 from .nn import FFLinear, FFNet
-from .ops import ff_layer_forward, ff_layer_step
+from .ops import ff_layer_forward, ff_layer_step, sgd_update_
 
 __all__ = [
-    "FFConfig", "FFStepOutput", "SGDUpdate", "FFLinear", "FFNet", "ff_layer_step", "ff_layer_forward",
+    "FFConfig", "FFStepOutput", "SGDUpdate", "FFLinear", "FFNet", "ff_layer_step", "ff_layer_forward", "sgd_update_",
     "available_backends", "backend_status", "register_backend", "__version__",
 ]

@@ -2,11 +2,12 @@
 
 A backend is a module with two functions of validated inputs (see ``ops.py``):
 
-    layer_step(x_pos, x_neg, weight, bias, config, update) -> FFStepOutput
+    layer_step(x_pos, x_neg, weight, bias, config, update, peer) -> FFStepOutput
     layer_forward(x, weight, bias, config) -> (y, goodness)
 
 ``update`` is None (gradient mode) or an ``SGDUpdate`` whose tensors the backend changes in place
-(weight, bias, momentum buffers); nothing else is mutated. Each op is therefore a pure function of
+(weight, bias, momentum buffers); ``peer`` is None or a ``PeerNorm`` whose running mean it updates
+in place; nothing else is mutated. x never overlaps a tensor written in place (ops.py copies it). Each op is therefore a pure function of
 its inputs plus declared in-place updates, the shape ``torch.library`` needs to register it.
 """
 
@@ -22,27 +23,104 @@ import torch
 
 @dataclass(frozen=True)
 class SGDUpdate:
-    """Fused SGD in PyTorch's convention: d = grad + wd * p; buf = mu * buf + d; p -= lr * buf."""
+    """The fused SGD step (DESIGN section 1.6), in PyTorch's convention or Hinton's.
+
+    Coupled weight decay (PyTorch): g' = grad + wd p; buf = mu buf + (1 - d) g'; p -= lr buf.
+    Decoupled (Hinton's code):      buf = mu buf + (1 - d) grad;  p -= lr (buf + wd p).
+    ``first_step``: the op created the (zero) buffers this call; PyTorch's first step then sets
+    buf = g' (no dampening). Hinton's form always starts from zero buffers: buf = (1 - d) grad.
+    """
 
     lr: float
     momentum: float
     weight_decay: float
     buf_weight: Optional[torch.Tensor]  # None when momentum == 0
     buf_bias: Optional[torch.Tensor]  # None when momentum == 0 or there is no bias
+    dampening: float = 0.0
+    decoupled_weight_decay: bool = False
+    first_step: bool = False
+
+    def coefficients(self) -> tuple:
+        """(lr, keep, gain, wd_grad, wd_step): the one rule every backend implements, in fp32
+        (float64 for float64 parameters):
+            d = grad + wd_grad * p
+            with a buffer:  buf = keep * buf + gain * d;  d = buf
+            p = p - lr * (d + wd_step * p)
+        """
+        keep, gain = self.momentum, 1.0 - self.dampening
+        if self.first_step and not self.decoupled_weight_decay:
+            keep, gain = 0.0, 1.0
+        wd = self.weight_decay
+        return (self.lr, keep, gain, 0.0 if self.decoupled_weight_decay else wd,
+                wd if self.decoupled_weight_decay else 0.0)
+
+
+@dataclass(frozen=True)
+class PeerNorm:
+    """Peer normalisation for one step (DESIGN section 1.7); ``mean`` [N] is updated in place:
+        mean <- rho * mean + (1 - rho) * (sum of h over the positive rows) / B+
+        dL/dz_ij += kappa * (mean_j - mean(mean))   for every positive row i, every unit j
+    so grad_W += p (x) colsum(x_pos) and grad_b += B+ p, with p = kappa * (mean - mean(mean)).
+    ``mean`` is float32 (float64 for float64 weights), contiguous, on the weight's device."""
+
+    mean: torch.Tensor
+    rho: float
+    kappa: float
 
 
 @dataclass
 class FFStepOutput:
-    """What ``ff_layer_step`` returns. Gradients are None in update mode (lr given)."""
+    """What ``ff_layer_step`` (and every backend's ``layer_step``) returns.
 
-    y_pos: torch.Tensor
-    y_neg: torch.Tensor
-    g_pos: torch.Tensor
-    g_neg: torch.Tensor
+    y [M, N] and g [M] hold the positives' rows first, then the negatives'; ``y_pos``, ``y_neg``,
+    ``g_pos``, ``g_neg`` are views of them. Gradients are None in update mode (lr given).
+    ``nonfinite`` (0-dim bool, on the device) is True when a NaN/inf entered the step: some
+    pre-activation z = x W^T + b or row sum of squares was not finite (every non-finite element of
+    x, W or b makes one so); the loss is then NaN too."""
+
+    y: torch.Tensor
+    g: torch.Tensor
     loss: torch.Tensor
+    n_pos: int
     grad_weight: Optional[torch.Tensor] = None
     grad_bias: Optional[torch.Tensor] = None
+    nonfinite: Optional[torch.Tensor] = None
     momentum_buffers: Optional[tuple] = None
+    peer_mean: Optional[torch.Tensor] = None  # the running mean (updated in place) when peer norm is on
+
+    @property
+    def y_pos(self) -> torch.Tensor:
+        return self.y[:self.n_pos]
+
+    @property
+    def y_neg(self) -> torch.Tensor:
+        return self.y[self.n_pos:]
+
+    @property
+    def g_pos(self) -> torch.Tensor:
+        return self.g[:self.n_pos]
+
+    @property
+    def g_neg(self) -> torch.Tensor:
+        return self.g[self.n_pos:]
+
+
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether torch lets fp32 matmuls on CUDA use tf32 tensor cores; the fused backends follow.
+
+    Reads the new API (``torch.backends.cuda.matmul.fp32_precision``) first: once a user (or the
+    platform's defaults) set it, reading the legacy ``allow_tf32`` flag raises. "none" means unset
+    (inherit), so the legacy flag decides."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision == "tf32":
+        return True
+    if precision == "ieee":
+        return False
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # mixed legacy/new settings: torch refuses to say; exact fp32 is safe
+        return False
 
 
 @dataclass(frozen=True)
@@ -151,10 +229,11 @@ def _triton_unavailable() -> Optional[str]:
 
 
 def _triton_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
-        return f"tensors on {device}: Triton runs on CUDA devices (or the CPU under TRITON_INTERPRET=1)"
+    # dtype first: the same message on every machine, whatever the device
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype}: the Triton kernels take float16, bfloat16 or float32"
+    if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
+        return f"tensors on {device}: Triton runs on CUDA devices (or the CPU under TRITON_INTERPRET=1)"
     return None
 
 
@@ -185,10 +264,10 @@ def _cuda_unavailable() -> Optional[str]:
 
 
 def _cuda_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if device.type != "cuda":
-        return f"tensors on {device}: the CUDA backend runs on CUDA devices only"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype}: the CUDA kernels take float16, bfloat16 or float32"
+    if device.type != "cuda":
+        return f"tensors on {device}: the CUDA backend runs on CUDA devices only"
     return None
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .backends import FFStepOutput, SGDUpdate, new_output
+from .backends import FFStepOutput, PeerNorm, SGDUpdate, new_output
 from .config import FFConfig
 
 
@@ -51,79 +51,114 @@ def loss_and_goodness_grad(g: torch.Tensor, n_pos: int, config: FFConfig, thresh
         sign = torch.ones_like(g)
         sign[n_pos:] = -1.0
         t = -sign * (g - threshold)
-        return _softplus(t).sum() / m, -sign * torch.sigmoid(t) / m
+        # divide before summing: the mean is finite wherever every term is (theta ~ 1e38 in fp32)
+        return (_softplus(t) / m).sum(), -sign * torch.sigmoid(t) / m
     t = -config.alpha * (g[:n_pos] - g[n_pos:])
     dg_pos = -config.alpha * torch.sigmoid(t) / n_pos
-    return _softplus(t).mean(), torch.cat([dg_pos, -dg_pos])
+    return (_softplus(t) / n_pos).sum(), torch.cat([dg_pos, -dg_pos])
 
 
 def _softplus(t: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(t, torch.zeros_like(t))
 
 
-def _relu_activations(xs, weight: torch.Tensor, bias, acc: torch.dtype) -> torch.Tensor:
-    """relu(x W^T + b) for the row blocks ``xs`` stacked into one [M, N] tensor of dtype ``acc``."""
+def _preactivations(xs, weight: torch.Tensor, bias, acc: torch.dtype) -> torch.Tensor:
+    """z = x W^T + b for the row blocks ``xs`` stacked into one [M, N] tensor of dtype ``acc``."""
     w = weight.to(acc)
     b = None if bias is None else bias.to(acc)
-    h = new_output((sum(x.shape[0] for x in xs), w.shape[0]), acc, w.device)
+    z = new_output((sum(x.shape[0] for x in xs), w.shape[0]), acc, w.device)
     row = 0
     for x in xs:
-        out = h[row:row + x.shape[0]]
+        out = z[row:row + x.shape[0]]
         if b is None:
             torch.mm(x.to(acc), w.t(), out=out)
         else:
             torch.addmm(b, x.to(acc), w.t(), out=out)
         row += x.shape[0]
-    return h.relu_()
+    return z
 
 
 def _goodness_and_output(h: torch.Tensor, config: FFConfig, out_dtype: torch.dtype):
-    """Goodness g and normalised output y of activations h; both share the row reduction q."""
+    """Goodness g, normalised output y and row norms sqrt(q) of activations h (one reduction)."""
     n = h.shape[1]
     row_norm = torch.linalg.vector_norm(h, dim=1)  # sqrt(q) without an [M, N] temporary
     g = goodness_from_sumsq(row_norm.square(), config, n)
     scale = output_scale(row_norm, config, n)
     y = h.to(out_dtype, copy=True) if scale is None else (h * scale[:, None]).to(out_dtype)
-    return g, y
+    return g, y, row_norm
 
 
-def _sgd_(param: torch.Tensor, grad: torch.Tensor, buf, update: SGDUpdate) -> None:
-    """torch.optim.SGD's step (dampening 0, no nesterov), in place on param and buf."""
-    if update.weight_decay != 0:
-        grad = grad.add(param, alpha=update.weight_decay)
-    if update.momentum != 0:
-        buf.mul_(update.momentum).add_(grad)
-        grad = buf
-    param.add_(grad, alpha=-update.lr)
+def _sgd_(param: torch.Tensor, grad: torch.Tensor, buf, update: SGDUpdate, keep_old=None) -> None:
+    """SGDUpdate.coefficients()'s rule, in place on param and buf, computed in grad's dtype.
+    ``keep_old``: a 0-dim bool tensor; where True, param and buf keep their values (no host sync)."""
+    lr, keep, gain, wd_grad, wd_step = update.coefficients()
+    p = param.to(grad.dtype)
+    d = grad.add(p, alpha=wd_grad) if wd_grad != 0 else grad
+    if buf is not None:
+        d = buf.to(grad.dtype).mul(keep).add_(d, alpha=gain)
+        buf.copy_(d if keep_old is None else torch.where(keep_old, buf, d))
+    if wd_step != 0:
+        d = d.add(p, alpha=wd_step)
+    new = p.sub(d, alpha=lr)
+    param.copy_(new if keep_old is None else torch.where(keep_old, p, new))
+
+
+def _peer_norm_(h: torch.Tensor, grad_z: torch.Tensor, n_pos: int, peer: PeerNorm, keep_old=None):
+    """Update the running mean with this batch's positive rows of h; add the peer term to the
+    positive rows of dL/dz in place. ``keep_old`` as in _sgd_ (the mean keeps its value)."""
+    batch_mean = h[:n_pos].sum(0).div_(n_pos)
+    m = peer.mean.to(h.dtype).mul(peer.rho).add_(batch_mean, alpha=1.0 - peer.rho)
+    peer.mean.copy_(m if keep_old is None else torch.where(keep_old, peer.mean, m))
+    m = peer.mean.to(h.dtype)
+    grad_z[:n_pos] += (m - m.mean()).mul_(peer.kappa)  # every unit, dead or alive: that revives them
 
 
 @torch.no_grad()
-def layer_step(x_pos, x_neg, weight, bias, config: FFConfig, update) -> FFStepOutput:
+def layer_step(x_pos, x_neg, weight, bias, config: FFConfig, update, peer=None,
+               skip_nonfinite: bool = False) -> FFStepOutput:
     acc = accumulation_dtype(weight.dtype)
     n_pos, n = x_pos.shape[0], weight.shape[0]
-    h = _relu_activations((x_pos, x_neg), weight, bias, acc)
-    g, y = _goodness_and_output(h, config, weight.dtype)
+    z = _preactivations((x_pos, x_neg), weight, bias, acc)
+    # Every non-finite element of x, W or b makes some z NaN/inf (inf * 0 = NaN), also where the
+    # ReLU would hide it (z = -inf): checking z and q catches every poisoned step.
+    finite_z = torch.isfinite(z).all()
+    h = z.relu_()  # NaN stays NaN
+    g, y, row_norm = _goodness_and_output(h, config, weight.dtype)
+    nonfinite = ~(finite_z & torch.isfinite(row_norm).all())
     loss, dg = loss_and_goodness_grad(g, n_pos, config, config.threshold(n))
+    loss = torch.where(nonfinite, torch.nan, loss)  # a NaN/inf input always reaches the loss
+    keep_old = nonfinite if skip_nonfinite else None
 
-    # dL/dz = c_i h_ij (relu' is implied by h_ij = 0), built in h's storage: y already holds h's use.
-    grad_z = h.mul_((dg * goodness_grad_factor(config, n))[:, None])
+    coef = (dg * goodness_grad_factor(config, n))[:, None]
+    if peer is None:
+        # dL/dz = c_i h_ij (relu' is implied by h_ij = 0), built in h's storage: y already holds h's use.
+        grad_z = h.mul_(coef)
+    else:
+        grad_z = h * coef  # h is still needed for the running mean
+        _peer_norm_(h, grad_z, n_pos, peer, keep_old)
     grad_w = torch.mm(grad_z[:n_pos].t(), x_pos.to(acc))
     grad_w.addmm_(grad_z[n_pos:].t(), x_neg.to(acc))
     grad_b = None if bias is None else grad_z.sum(0)
 
-    out = FFStepOutput(y_pos=y[:n_pos], y_neg=y[n_pos:], g_pos=g[:n_pos], g_neg=g[n_pos:], loss=loss)
+    out = FFStepOutput(y=y, g=g, loss=loss, n_pos=n_pos, nonfinite=nonfinite)
     if update is None:
         out.grad_weight = grad_w.to(weight.dtype)
         out.grad_bias = None if bias is None else grad_b.to(weight.dtype)
         return out
-    _sgd_(weight, grad_w, update.buf_weight, update)
+    _sgd_(weight, grad_w, update.buf_weight, update, keep_old)
     if bias is not None:
-        _sgd_(bias, grad_b, update.buf_bias, update)
+        _sgd_(bias, grad_b, update.buf_bias, update, keep_old)
     return out
+
+
+def sgd_update(param: torch.Tensor, grad: torch.Tensor, buf, update: SGDUpdate, skip=None) -> None:
+    """The fused update alone, on a given gradient (e.g. all-reduced across ranks); ``skip``: a
+    0-dim bool tensor, True leaves param and buf unchanged."""
+    _sgd_(param, grad.to(accumulation_dtype(param.dtype)), buf, update, skip)
 
 
 @torch.no_grad()
 def layer_forward(x, weight, bias, config: FFConfig):
-    h = _relu_activations((x,), weight, bias, accumulation_dtype(weight.dtype))
-    g, y = _goodness_and_output(h, config, weight.dtype)
+    h = _preactivations((x,), weight, bias, accumulation_dtype(weight.dtype)).relu_()
+    g, y, _ = _goodness_and_output(h, config, weight.dtype)
     return y, g

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,11 @@ def _good():
     x_pos, x_neg, w, b = make_layer(6, 5, k=7, n=4)
     return dict(x_pos=x_pos, x_neg=x_neg, weight=w, bias=b, lr=0.1, momentum=0.9, weight_decay=0.01,
                 momentum_buffers=(torch.randn_like(w), torch.randn_like(b)))
+
+
+PEER = ffk.FFConfig.hinton()
+WEIGHT_AND_BIAS = torch.randn(32)  # a weight [4, 7] and a bias that overlap in one storage
+SHARED_BUFFER = torch.randn(32)
 
 
 def _replace(**changes):
@@ -69,6 +75,30 @@ BAD_STEP_CALLS = {
     "config of wrong type": (_replace(config={"goodness": "sum"}), TypeError, "config"),
     "unknown backend": (_replace(backend="cudnn"), ValueError, "backend"),
     "backend not a string": (_replace(backend=3), TypeError, "backend"),
+    "dampening above 1": (_replace(dampening=1.5), ValueError, "dampening"),
+    "dampening nan": (_replace(dampening=math.nan), ValueError, "dampening"),
+    "dampening without lr": (_replace(lr=None, momentum=0.0, weight_decay=0.0, momentum_buffers=None,
+                                      dampening=0.5), ValueError, "dampening"),
+    "decoupled not a bool": (_replace(decoupled_weight_decay="yes"), TypeError, "decoupled_weight_decay"),
+    "decoupled without lr": (_replace(lr=None, momentum=0.0, weight_decay=0.0, momentum_buffers=None,
+                                      decoupled_weight_decay=True), ValueError, "decoupled_weight_decay"),
+    "peer_mean without peer norm": (_replace(peer_mean=torch.zeros(4)), ValueError, "peer_mean"),
+    "peer_mean of wrong shape": (_replace(config=PEER, peer_mean=torch.zeros(5)), ValueError, "peer_mean"),
+    "peer_mean of wrong dtype": (_replace(config=PEER, peer_mean=torch.zeros(4, dtype=torch.float64)),
+                                 TypeError, "peer_mean"),
+    "peer_mean not contiguous": (_replace(config=PEER, peer_mean=torch.zeros(8)[::2]), ValueError,
+                                 "peer_mean"),
+    "peer_mean not a tensor": (_replace(config=PEER, peer_mean=[0.5] * 4), TypeError, "peer_mean"),
+    "buffer is the weight": (_replace(momentum_buffers=lambda kw: (kw["weight"], kw["momentum_buffers"][1])),
+                             ValueError, "share memory"),
+    "bias inside the weight's storage": (
+        _replace(weight=lambda kw: WEIGHT_AND_BIAS[:28].view(4, 7), bias=lambda kw: WEIGHT_AND_BIAS[26:30],
+                 momentum_buffers=None), ValueError, "share memory"),
+    "buffers overlapping": (_replace(momentum_buffers=lambda kw: (SHARED_BUFFER[:28].view(4, 7),
+                                                                  SHARED_BUFFER[24:28])),
+                            ValueError, "share memory"),
+    "peer_mean is the bias buffer": (_replace(config=PEER, peer_mean=lambda kw: kw["momentum_buffers"][1]),
+                                     ValueError, "share memory"),
     "float64 on triton": (_replace(**{k: (lambda kw, k=k: kw[k].double() if kw[k] is not None else None)
                                       for k in ("x_pos", "x_neg", "weight", "bias")},
                                    momentum_buffers=None, momentum=0.0, backend="triton"),
@@ -79,7 +109,7 @@ BAD_STEP_CALLS = {
 def _snapshot(kw):
     bufs = kw.get("momentum_buffers")
     bufs = [bufs] if isinstance(bufs, torch.Tensor) else list(bufs or ())
-    tensors = [kw["weight"], kw["bias"], *bufs]
+    tensors = [kw["weight"], kw["bias"], *bufs, kw.get("peer_mean")]
     return [(t, t.clone()) for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "meta"]
 
 
@@ -141,3 +171,100 @@ def test_unavailable_backend_names_reason():
             x_pos, x_neg, w, b = make_layer(2, 2, k=3, n=2)
             with pytest.raises(ValueError, match="not available"):
                 ffk.ff_layer_step(x_pos, x_neg, w, b, backend=name)
+
+
+# ---------------------------------------------------------------- values beyond the compute dtype
+
+def _inference_bias(kw):
+    with torch.inference_mode():
+        return kw["bias"].clone()
+
+
+BAD_VALUES = {
+    "lr beyond float32": (_replace(lr=1e39), ValueError, "lr"),
+    "weight_decay beyond float32": (_replace(weight_decay=1e300), ValueError, "weight_decay"),
+    "momentum a 1-D tensor": (_replace(momentum=torch.tensor([0.9])), TypeError, "momentum"),
+    "lr complex": (_replace(lr=1j), TypeError, "lr"),
+    "eps subnormal in float32": (_replace(config=ffk.FFConfig(eps=1e-40)), ValueError, "eps"),
+    "theta beyond float32": (_replace(config=ffk.FFConfig(theta=1e39)), ValueError, "theta"),
+    "threshold per unit beyond float32": (
+        _replace(config=ffk.FFConfig(theta=1e38, theta_per_unit=True)), ValueError, "theta"),
+    "alpha beyond float32": (_replace(config=ffk.FFConfig(alpha=1e39)), ValueError, "alpha"),
+    "inference-mode bias updated in place": (_replace(bias=_inference_bias), ValueError, "bias"),
+    "sparse x_pos": (_replace(x_pos=lambda kw: kw["x_pos"].to_sparse()), TypeError, "x_pos"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values_raise_and_change_nothing(case):
+    make, error, fragment = BAD_VALUES[case]
+    kw = make()
+    snapshot = _snapshot(kw)
+    with pytest.raises(error) as info:
+        ffk.ff_layer_step(**kw)
+    assert fragment in str(info.value), f"message does not name {fragment!r}: {info.value}"
+    for t, before in snapshot:
+        assert torch.equal(t, before)
+
+
+def test_float32_buffer_message_names_each_dtype_once():
+    kw = _good()
+    kw["momentum_buffers"] = (kw["momentum_buffers"][0].half(), kw["momentum_buffers"][1])
+    with pytest.raises(TypeError) as info:
+        ffk.ff_layer_step(**kw)
+    assert str(info.value).count("torch.float32") == 1
+
+
+@pytest.mark.parametrize("make_scalar", [float, np.float32, np.float64, np.float16, torch.tensor],
+                         ids=["float", "np.float32", "np.float64", "np.float16", "0-dim tensor"])
+def test_every_real_scalar_type_is_accepted_alike(make_scalar):
+    x_pos, x_neg, w, b = make_layer(6, 5, k=7, n=4)
+    want_w, got_w = w.clone(), w.clone()
+    ffk.ff_layer_step(x_pos, x_neg, want_w, b.clone(), lr=0.5, momentum=0.0, weight_decay=1.0)
+    ffk.ff_layer_step(x_pos, x_neg, got_w, b.clone(), lr=make_scalar(0.5), momentum=make_scalar(0),
+                      weight_decay=np.int64(1) if make_scalar is np.float16 else make_scalar(1))
+    assert torch.equal(got_w, want_w)
+
+
+def test_threshold_near_float32_max_gives_a_finite_mean_loss():
+    """Every softplus term ~1e38: summing first would overflow, the mean does not."""
+    x_pos, x_neg, w, b = make_layer(40, 40, k=7, n=4)
+    out = ffk.ff_layer_step(x_pos, x_neg, w, b, config=ffk.FFConfig(theta=1e38, goodness="sum"))
+    assert torch.isfinite(out.loss) and out.loss > 1e37
+
+
+def _sgd_args():
+    return dict(param=torch.randn(4, 3), grad=torch.randn(4, 3), momentum_buffer=torch.randn(4, 3),
+                lr=0.1, momentum=0.9)
+
+
+BAD_SGD_CALLS = {
+    "grad of another shape": (dict(grad=torch.randn(3, 4)), ValueError, "grad"),
+    "grad of another dtype": (dict(grad=torch.randn(4, 3, dtype=torch.float64)), ValueError, "grad"),
+    "param not contiguous": (dict(param=torch.randn(3, 4).t(), grad=torch.randn(4, 3)), ValueError, "param"),
+    "buffer of wrong shape": (dict(momentum_buffer=torch.randn(4)), ValueError, "momentum_buffer"),
+    "buffer without momentum": (dict(momentum=0.0), ValueError, "momentum_buffer"),
+    "buffer is the param": (dict(momentum_buffer=lambda kw: kw["param"]), ValueError, "share memory"),
+    "lr negative": (dict(lr=-1.0), ValueError, "lr"),
+    "skip not a bool tensor": (dict(skip=torch.tensor(1.0)), TypeError, "skip"),
+    "dampening above 1": (dict(dampening=2.0), ValueError, "dampening"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SGD_CALLS))
+def test_bad_sgd_update_raises_and_changes_nothing(case):
+    changes, error, fragment = BAD_SGD_CALLS[case]
+    kw = _sgd_args()
+    kw.update({key: value(kw) if callable(value) else value for key, value in changes.items()})
+    before = [(t, t.clone()) for t in (kw["param"], kw["momentum_buffer"]) if isinstance(t, torch.Tensor)]
+    with pytest.raises(error) as info:
+        ffk.sgd_update_(**kw)
+    assert fragment in str(info.value)
+    for t, old in before:
+        assert torch.equal(t, old)
+
+
+def test_skip_nonfinite_must_be_a_bool():
+    x_pos, x_neg, w, b = make_layer(3, 3, k=4, n=2)
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        ffk.ff_layer_step(x_pos, x_neg, w, b, skip_nonfinite=1)

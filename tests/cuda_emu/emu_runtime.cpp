@@ -38,3 +38,50 @@ FF_EMU_API int ff_emu_launch_info(int i, char* name, int name_len, unsigned* dim
 
 // The calling host thread's current device (the launchers must restore it after a call).
 FF_EMU_API int ff_emu_current_device() { return ff_emu::current_device; }
+
+#if FF_EMU_FAST_FIBERS
+// The fiber switch of emu_core.h (x86-64 System V): the callee-saved state of the running context
+// goes onto its own stack, its stack pointer into *save_sp (rdi); the other context's stack
+// pointer (rsi) is loaded and its state popped. fiber_make() builds the frame a new fiber starts
+// from, whose return address is ff_emu_fiber_start: it calls the fiber's entry (in r12), which
+// never returns.
+asm(R"(
+    .text
+    .globl ff_emu_switch
+    .hidden ff_emu_switch
+    .type ff_emu_switch, @function
+ff_emu_switch:
+    endbr64
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $16, %rsp
+    stmxcsr 8(%rsp)
+    fnstcw (%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    fldcw (%rsp)
+    ldmxcsr 8(%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size ff_emu_switch, .-ff_emu_switch
+
+    .globl ff_emu_fiber_start
+    .hidden ff_emu_fiber_start
+    .type ff_emu_fiber_start, @function
+ff_emu_fiber_start:
+    endbr64
+    callq *%r12
+    ud2
+    .size ff_emu_fiber_start, .-ff_emu_fiber_start
+)");
+#endif

@@ -2,6 +2,7 @@
 // "What it models"), launched through csrc/launch.h's FF_LAUNCH like the real ones. Run from
 // tests/test_cuda_emulated.py through ctypes: ff_emu_selftest(name, out, n, msg, msg_len) runs one
 // case on host memory `out` (n ints) and returns the launch's cudaError_t (message in msg).
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -73,6 +74,52 @@ __global__ void tf32_unrounded(int* out) {
   out[threadIdx.x] = 1;
 }
 
+// 64 threads: each copies its 16 bytes of out (odd threads: the last 8 zero-filled) into shared
+// memory by cp.async, then reads its neighbour's chunk after the barrier. With the wait the copies
+// have landed; without it the neighbour's chunk is still the -1 written before.
+template <bool kWait>
+__global__ void async_copy(int* out) {
+  __shared__ __align__(16) int tile[64 * 4];
+  const int t = int(threadIdx.x);
+  for (int u = 0; u < 4; ++u) tile[4 * t + u] = -1;
+  __syncthreads();
+  __pipeline_memcpy_async(tile + 4 * t, out + 4 * t, 16, t % 2 == 1 ? 8 : 0);
+  __pipeline_commit();
+  if (kWait) __pipeline_wait_prior(0);
+  __syncthreads();
+  int v[4];
+  for (int u = 0; u < 4; ++u) v[u] = tile[4 * ((t + 1) % 64) + u];
+  __syncthreads();
+  for (int u = 0; u < 4; ++u) out[4 * t + u] = v[u];
+}
+
+// 32 threads, two commit groups; __pipeline_wait_prior(1) completes the first only:
+// out[256 + t] = out[4 t] (landed), out[288 + t] = -1 (still in flight).
+__global__ void async_groups(int* out) {
+  __shared__ __align__(16) int a[32 * 4], b[32 * 4];
+  const int t = int(threadIdx.x);
+  for (int u = 0; u < 4; ++u) a[4 * t + u] = b[4 * t + u] = -1;
+  __pipeline_memcpy_async(a + 4 * t, out + 4 * t, 16);
+  __pipeline_commit();
+  __pipeline_memcpy_async(b + 4 * t, out + 128 + 4 * t, 16);
+  __pipeline_commit();
+  __pipeline_wait_prior(1);
+  out[256 + t] = a[4 * t];
+  out[288 + t] = b[4 * t];
+}
+
+__global__ void async_misaligned(int* out) {
+  __shared__ __align__(16) int tile[4];
+  __pipeline_memcpy_async(tile, out + 1, 16);  // 4 bytes off the 16-byte alignment
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
+__global__ void vector_misaligned(int* out) {
+  const uint4 v = *reinterpret_cast<const uint4*>(out + 2);  // 8 bytes off
+  out[threadIdx.x] = int(v.x);
+}
+
 cudaError_t run(const std::string& name, int* out, int n) {
   cudaGetLastError();
   const cudaStream_t s = nullptr;
@@ -92,6 +139,16 @@ cudaError_t run(const std::string& name, int* out, int n) {
     FF_LAUNCH(1, 32, s, wmma_misaligned)(out);
   } else if (name == "tf32_unrounded") {
     FF_LAUNCH(1, 32, s, tf32_unrounded)(out);
+  } else if (name == "async_copy_waited") {
+    FF_LAUNCH(1, 64, s, async_copy<true>)(out);
+  } else if (name == "async_copy_unwaited") {
+    FF_LAUNCH(1, 64, s, async_copy<false>)(out);
+  } else if (name == "async_groups") {
+    FF_LAUNCH(1, 32, s, async_groups)(out);
+  } else if (name == "async_misaligned") {
+    FF_LAUNCH(1, 32, s, async_misaligned)(out);
+  } else if (name == "vector_misaligned") {
+    FF_LAUNCH(1, 32, s, vector_misaligned)(out);
   } else if (name == "block_too_large") {
     FF_LAUNCH(1, 1056, s, shuffle_xor)(out);
   } else if (name == "grid_y_too_large") {

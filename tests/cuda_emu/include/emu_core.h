@@ -7,12 +7,15 @@
 //
 // Execution model. A launch hands the grid's blocks to a few OS worker threads (FF_EMU_WORKERS,
 // default: the number of cores); blocks run concurrently across workers, one block at a time per
-// worker. Inside a block every CUDA thread is a fiber (ucontext) with its own stack, all on the
-// worker's OS thread, scheduled cooperatively: a fiber runs until it reaches a barrier
-// (__syncthreads, __syncwarp, a shuffle) or returns; the scheduler then resumes the next runnable
-// fiber. Fibers run in increasing thread order in even blocks and decreasing order in odd blocks,
-// so a read that lacks a barrier after another thread's write sees the stale value in one of the
-// two orders. If every remaining fiber waits and none can proceed (a barrier inside divergent
+// worker. Inside a block every CUDA thread is a fiber with its own stack, all on the worker's OS
+// thread, scheduled cooperatively: a fiber runs until it reaches a barrier (__syncthreads,
+// __syncwarp, a shuffle) or returns; the scheduler then resumes the next runnable fiber. On x86-64
+// a fiber switch is a few instructions (ff_emu_switch in emu_runtime.cpp: callee-saved registers
+// and the stack pointer); elsewhere, or under AddressSanitizer (which understands swapcontext
+// only), it is ucontext's swapcontext, which costs a signal-mask system call (~0.5 us) per switch.
+// Fibers run in increasing thread order in even blocks and decreasing order in odd blocks, so a
+// read that lacks a barrier after another thread's write sees the stale value in one of the two
+// orders. If every remaining fiber waits and none can proceed (a barrier inside divergent
 // code), the launch fails with a message naming the barriers instead of hanging.
 #pragma once
 
@@ -126,6 +129,61 @@ inline std::mutex log_mutex;
 inline std::vector<LaunchRecord> launch_log;
 
 // ------------------------------------------------------------------ fibers
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(FF_EMU_UCONTEXT)
+#define FF_EMU_FAST_FIBERS 1
+// emu_runtime.cpp: saves rbp, rbx, r12-r15, MXCSR and the x87 control word on the current stack,
+// stores the stack pointer in *save_sp, switches to load_sp and restores the same from there.
+extern "C" void ff_emu_switch(void** save_sp, void* load_sp);
+extern "C" void ff_emu_fiber_start();  // first resume of a fiber: calls the function in r12
+#else
+#define FF_EMU_FAST_FIBERS 0
+#endif
+
+// One execution context: a fiber, or the worker's own stack (the scheduler).
+struct FiberContext {
+#if FF_EMU_FAST_FIBERS
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+// Makes `f` run entry() on [stack, stack + size) when it is first switched to. entry() must
+// never return: it ends by switching away for good.
+inline void fiber_make(FiberContext& f, char* stack, size_t size, void (*entry)()) {
+#if FF_EMU_FAST_FIBERS
+  // The frame ff_emu_switch pops (low to high): x87 control word, MXCSR (16 bytes), r15, r14, r13,
+  // r12 = entry, rbx, rbp, return address = ff_emu_fiber_start. The top is 16-byte aligned and
+  // sp = top - 88, so ff_emu_fiber_start calls entry with the stack aligned as the ABI requires.
+  auto top = reinterpret_cast<std::uintptr_t>(stack + size) & ~std::uintptr_t(15);
+  auto* frame = reinterpret_cast<std::uint64_t*>(top - 88);
+  std::memset(frame, 0, 88);
+  std::uint16_t fcw;
+  std::uint32_t mxcsr;
+  asm volatile("fnstcw %0" : "=m"(fcw));
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  std::memcpy(frame, &fcw, sizeof fcw);
+  std::memcpy(frame + 1, &mxcsr, sizeof mxcsr);
+  frame[5] = reinterpret_cast<std::uint64_t>(entry);  // r12
+  frame[8] = reinterpret_cast<std::uint64_t>(&ff_emu_fiber_start);
+  f.sp = frame;
+#else
+  getcontext(&f.uc);
+  f.uc.uc_stack.ss_sp = stack;
+  f.uc.uc_stack.ss_size = size;
+  f.uc.uc_link = nullptr;
+  makecontext(&f.uc, entry, 0);
+#endif
+}
+
+inline void fiber_switch(FiberContext& from, FiberContext& to) {
+#if FF_EMU_FAST_FIBERS
+  ff_emu_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
 // Fiber stacks: mmap'ed (committed lazily) with a PROT_NONE guard page below, pooled across launches.
 class StackPool {
  public:
@@ -187,7 +245,7 @@ class BlockRunner {
 
   explicit BlockRunner(int nthreads)
       : n_(nthreads), fibers_(size_t(nthreads)), warps_(size_t(nthreads / 32)),
-        slots_(size_t(nthreads)) {
+        slots_(size_t(nthreads)), mma_memo_(size_t(nthreads / 32) * kMmaSlots) {
     for (auto& f : fibers_) f.stack = StackPool::get();
   }
   ~BlockRunner() {
@@ -208,11 +266,10 @@ class BlockRunner {
     for (int t = 0; t < n_; ++t) {
       Fiber& f = fibers_[size_t(t)];
       f.state = kRunnable;
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack;
-      f.ctx.uc_stack.ss_size = StackPool::kStackBytes;
-      f.ctx.uc_link = &sched_;
-      makecontext(&f.ctx, &BlockRunner::entry, 0);
+      f.copies.clear();
+      f.committed = 0;
+      f.mma_calls = 0;
+      fiber_make(f.ctx, f.stack, StackPool::kStackBytes, &BlockRunner::entry);
     }
     const bool reverse = linear % 2 == 1;
     int done = 0;
@@ -226,7 +283,7 @@ class BlockRunner {
         current_ = t;
         threadIdx = dim3(unsigned(t));
         self() = this;
-        swapcontext(&sched_, &f.ctx);
+        fiber_switch(sched_, f.ctx);
         if (f.state == kDone) ++done;
       }
       if (!progressed) {
@@ -243,11 +300,71 @@ class BlockRunner {
   void syncwarp() { arrive(warps_[size_t(current_ / 32)]); }
   std::uint64_t* warp_slots() { return slots_.data() + (current_ / 32) * 32; }
 
+  // ---- wmma::mma_sync memo. Every lane of a warp computes the same tile product (each holds the
+  // whole fragment, see mma.h); the memo lets the other 31 reuse the first lane's result. It is
+  // keyed by the full input bits (operands and accumulator), so a hit is exactly what the lane would
+  // have computed; slots are picked by the lane's call count, so in warp-uniform code lane k's i-th
+  // call meets lane 0's i-th.
+  struct MmaMemo {
+    static constexpr int kMaxIn = 3 * 256, kMaxOut = 256;
+    int n_in = -1;
+    float in[kMaxIn];
+    float out[kMaxOut];
+  };
+  static constexpr unsigned kMmaSlots = 32;
+  MmaMemo& mma_slot() {
+    Fiber& f = fibers_[size_t(current_)];
+    const unsigned slot = f.mma_calls++ % kMmaSlots;
+    return mma_memo_[size_t(current_ / 32) * kMmaSlots + slot];
+  }
+
+  // ---- asynchronous global->shared copies (cp.async through cuda_pipeline_primitives.h). A copy
+  // reads its source when issued but writes its destination only when a __pipeline_wait_prior
+  // covers its group, so a read of the destination before the wait (and the barrier that
+  // publishes it) sees the old contents, as it may on a GPU.
+  void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
+    AsyncCopy c;
+    c.dst = dst;
+    c.size = size;
+    std::memcpy(c.data, src, size - zfill);
+    std::memset(c.data + (size - zfill), 0, zfill);
+    c.group = -1;  // not committed yet
+    fibers_[size_t(current_)].copies.push_back(c);
+  }
+  void async_commit() {
+    Fiber& f = fibers_[size_t(current_)];
+    ++f.committed;
+    for (AsyncCopy& c : f.copies)
+      if (c.group < 0) c.group = f.committed;
+  }
+  // Completes the copies of every committed group but the `prior` most recent ones.
+  void async_wait_prior(size_t prior) {
+    Fiber& f = fibers_[size_t(current_)];
+    const long last_done = long(f.committed) - long(prior);
+    size_t kept = 0;
+    for (AsyncCopy& c : f.copies) {
+      if (c.group >= 0 && c.group <= last_done)
+        std::memcpy(c.dst, c.data, c.size);
+      else
+        f.copies[kept++] = c;
+    }
+    f.copies.resize(kept);
+  }
+
  private:
+  struct AsyncCopy {
+    void* dst;
+    unsigned char data[16];
+    size_t size;
+    long group;  // commit group (1, 2, ...), -1 before __pipeline_commit
+  };
   struct Fiber {
-    ucontext_t ctx;
+    FiberContext ctx;
     char* stack = nullptr;
     State state = kDone;
+    std::vector<AsyncCopy> copies;  // issued, not yet completed (dropped if the thread returns)
+    long committed = 0;
+    unsigned mma_calls = 0;
   };
 
   static BlockRunner*& self() {
@@ -269,7 +386,8 @@ class BlockRunner {
     r.drop(r.block_bar_);
     r.drop(r.warps_[size_t(t / 32)]);
     r.fibers_[size_t(t)].state = kDone;
-  }  // uc_link resumes the scheduler
+    fiber_switch(r.fibers_[size_t(t)].ctx, r.sched_);  // for good: a finished fiber is never resumed
+  }
 
   void arrive(FiberBarrier& b) {
     if (++b.arrived >= b.expected) {
@@ -279,7 +397,7 @@ class BlockRunner {
     Fiber& f = fibers_[size_t(current_)];
     f.state = kWaiting;
     b.waiters.push_back(current_);
-    swapcontext(&f.ctx, &sched_);
+    fiber_switch(f.ctx, sched_);
   }
   void drop(FiberBarrier& b) {
     --b.expected;
@@ -311,7 +429,8 @@ class BlockRunner {
   FiberBarrier block_bar_;
   std::vector<FiberBarrier> warps_;
   std::vector<std::uint64_t> slots_;  // one per thread, for __shfl_*_sync
-  ucontext_t sched_;
+  std::vector<MmaMemo> mma_memo_;      // kMmaSlots per warp
+  FiberContext sched_;
   int current_ = 0;
   void (*body_)(const void*) = nullptr;
   const void* body_arg_ = nullptr;
@@ -410,6 +529,51 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 using std::isfinite;
 
+// ------------------------------------------------------------------ vector types
+// The vector_types.h subset csrc uses (size = alignment, as in CUDA). On a GPU a vector load or
+// store must be aligned to its size or the kernel dies with a misaligned-address error; here every
+// copy into or out of one of these objects (a dereference of a vector pointer, in either
+// direction) checks the address and faults the launch when it is misaligned. Locals are aligned by
+// their type, so only accesses through reinterpreted pointers can fail.
+namespace ff_emu {
+inline void check_vector_address(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0)
+    fault("misaligned %zu-byte vector %s at %p", bytes, what, p);
+}
+template <typename Derived, typename E, int kN>
+struct alignas(sizeof(E) * kN) CheckedVector {
+  CheckedVector() = default;
+  CheckedVector(const CheckedVector& o) {
+    check_vector_address(&o, sizeof(E) * kN, "load");
+    std::memcpy(static_cast<void*>(this), &o, sizeof(E) * kN);
+  }
+  CheckedVector& operator=(const CheckedVector& o) {
+    check_vector_address(&o, sizeof(E) * kN, "load");
+    check_vector_address(this, sizeof(E) * kN, "store");
+    std::memcpy(static_cast<void*>(this), &o, sizeof(E) * kN);
+    return *this;
+  }
+};
+}  // namespace ff_emu
+struct uint2 : ff_emu::CheckedVector<uint2, unsigned, 2> {
+  unsigned x, y;
+};
+struct uint4 : ff_emu::CheckedVector<uint4, unsigned, 4> {
+  unsigned x, y, z, w;
+};
+struct float4 : ff_emu::CheckedVector<float4, float, 4> {
+  float x, y, z, w;
+};
+static_assert(sizeof(uint2) == 8 && sizeof(uint4) == 16 && sizeof(float4) == 16, "vector layout");
+// __ldg (ld.global.nc): a load of data that is read-only during the kernel; checked the same way.
+template <typename V>
+inline V __ldg(const V* p) {
+  ff_emu::check_vector_address(p, sizeof(V), "__ldg");
+  V v;
+  std::memcpy(static_cast<void*>(&v), p, sizeof v);
+  return v;
+}
+
 // ------------------------------------------------------------------ kernel launch
 namespace ff_emu {
 
@@ -505,3 +669,20 @@ Launch<KArgs...> launch(dim3 grid, dim3 block, cudaStream_t stream, const char* 
 }
 
 }  // namespace ff_emu
+
+// ------------------------------------------------------------------ cudaMemsetAsync
+// Done at once, in order with the launches (one emulated stream). Logged like a launch so tests see
+// its stream and device: kernel "cudaMemsetAsync", grid (bytes mod 2^32, bytes / 2^32, 1), block
+// (0, 0, 0) (no block ever has 0 threads: nothing mistakes it for a kernel).
+inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream = nullptr) {
+  std::lock_guard<std::mutex> serial(ff_emu::launch_mutex);
+  if (bytes > 0 && dst == nullptr) return ff_emu::last_error = cudaErrorInvalidValue;
+  std::memset(dst, value, bytes);
+  ff_emu::LaunchRecord rec{"cudaMemsetAsync",
+                           dim3(unsigned(bytes & 0xffffffffu), unsigned(std::uint64_t(bytes) >> 32), 1u),
+                           dim3(0u, 0u, 0u), reinterpret_cast<std::uintptr_t>(stream),
+                           ff_emu::current_device, true};
+  std::lock_guard<std::mutex> lock(ff_emu::log_mutex);
+  ff_emu::launch_log.push_back(std::move(rec));
+  return cudaSuccess;
+}
