@@ -92,15 +92,14 @@ def ffk_net():
 
 
 # ------------------------------------------------------------------------------------------------
-# CAPTURED VARIANT (CUDA graph): filled in by whoever adds FFNet.compile_step. Until then the test
-# skips with the reason. Adjust the call below to compile_step's signature when it lands.
+# CAPTURED VARIANT (CUDA graph): FFNet.compile_step, one graph launch per step.
 # ------------------------------------------------------------------------------------------------
 def captured_step(x_pos, x_neg):
-    if not hasattr(ffk.FFNet, "compile_step"):
-        raise NotImplementedError("FFNet has no compile_step yet: the CUDA-graph variant comes with it")
-    net = ffk_net()
-    step = net.compile_step(x_pos, x_neg)  # assumed: returns a zero-argument replay of train_step
-    return step
+    if x_pos.device.type != "cuda":
+        raise NotImplementedError("a CUDA graph needs a CUDA device")
+    step = ffk_net().compile_step(x_pos, x_neg)
+    step(x_pos, x_neg)  # the capture happens on the first call
+    return step  # step() replays on the batch already in step.x_pos / step.x_neg
 
 
 def rounds_for(variant: str, batch: int) -> tuple:

@@ -1,14 +1,17 @@
 """The backend registry: one small table that "torch", "triton" and "cuda" plug into.
 
-A backend is a module with two functions of validated inputs (see ``ops.py``):
+A backend is a module with three functions of validated inputs (see ``ops.py``):
 
-    layer_step(x_pos, x_neg, weight, bias, config, update, peer) -> FFStepOutput
+    layer_step(x_pos, x_neg, weight, bias, config, update, peer, skip_nonfinite=False) -> FFStepOutput
     layer_forward(x, weight, bias, config) -> (y, goodness)
+    sgd_update(param, grad, buf, update, skip) -> None
 
 ``update`` is None (gradient mode) or an ``SGDUpdate`` whose tensors the backend changes in place
 (weight, bias, momentum buffers); ``peer`` is None or a ``PeerNorm`` whose running mean it updates
-in place; nothing else is mutated. x never overlaps a tensor written in place (ops.py copies it). Each op is therefore a pure function of
-its inputs plus declared in-place updates, the shape ``torch.library`` needs to register it.
+in place; with ``skip_nonfinite`` a step whose ``nonfinite`` flag is set changes nothing in place.
+Nothing else is mutated, and x never overlaps a tensor written in place (ops.py copies it). Each
+function is therefore a pure function of its inputs plus declared in-place updates, the shape
+``torch.library`` needs (library.py registers them as custom ops).
 """
 
 from __future__ import annotations

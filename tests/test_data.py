@@ -80,3 +80,90 @@ def test_read_idx_rejects_truncated_file(tmp_path):
     path.write_bytes(struct.pack(">HBB", 0, 0x08, 1) + struct.pack(">I", 10) + b"\x01\x02")
     with pytest.raises(ValueError, match="header"):
         read_idx(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# neutral label, all-label batches, hard negatives, jitter
+
+from ff_kernels.data import embed_all_labels, embed_neutral_label, jitter, wrong_labels_from_scores  # noqa: E402
+
+
+def test_neutral_label_is_a_tenth_of_the_row_max_and_all_labels_stack_candidates():
+    x = torch.rand(4, 15) + 0.2
+    out = embed_neutral_label(x, 10)
+    assert torch.equal(out[:, 10:], x[:, 10:])
+    assert torch.allclose(out[:, :10], (x.amax(1) / 10)[:, None].expand(4, 10))
+    stacked = embed_all_labels(x, 3)
+    assert stacked.shape == (12, 15)
+    for c in range(3):
+        assert torch.equal(stacked[4 * c:4 * (c + 1)], embed_labels(x, torch.full((4,), c), 3))
+
+
+def test_hard_wrong_labels_follow_softmax_of_scores_over_wrong_labels():
+    """p(l) = exp(s_l) / sum_{l' != y} exp(s_l') for l != y, and never the true label."""
+    n, c = 40000, 4
+    scores = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(n, c)
+    labels = torch.full((n,), 2)
+    drawn = wrong_labels_from_scores(scores, labels, torch.Generator().manual_seed(0))
+    assert not (drawn == labels).any()
+    share = torch.bincount(drawn, minlength=c).float() / n
+    expect = torch.softmax(torch.tensor([0.0, 1.0, -float("inf"), -1.0]), 0)
+    assert (share - expect).abs().max() < 0.01, (share, expect)
+    # huge scores (sum goodness ~ thousands) stay finite: the highest wrong label wins
+    big = torch.tensor([[5000.0, 4000.0, 9000.0]])
+    assert wrong_labels_from_scores(big, torch.tensor([2])).item() == 0
+
+
+def test_hard_wrong_labels_per_row_and_reproducible():
+    scores = torch.randn(64, 10) * 3
+    labels = torch.randint(0, 10, (64,))
+    a = wrong_labels_from_scores(scores, labels, torch.Generator().manual_seed(5))
+    b = wrong_labels_from_scores(scores, labels, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not (a == labels).any()
+    with pytest.raises(ValueError, match="scores"):
+        wrong_labels_from_scores(scores, labels[:3])
+
+
+def test_jitter_shifts_each_image_by_at_most_two_pixels_with_zero_fill():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 28 * 28) + 0.5  # no zeros: the fill is visible
+    out = jitter(x, 2, generator=gen)
+    assert out.shape == x.shape
+    imgs, outs = x.view(-1, 28, 28), out.view(-1, 28, 28)
+    seen = set()
+    padded = torch.nn.functional.pad(imgs, (2, 2, 2, 2))
+    for i in range(len(x)):
+        match = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(outs[i], padded[i, 2 - dy:30 - dy, 2 - dx:30 - dx])]
+        assert len(match) == 1, i
+        seen.add(match[0])
+    assert len(seen) == 25  # every shift in [-2, 2]^2 occurs
+
+
+def test_jitter_validates_shape_and_zero_shift_is_identity():
+    x = torch.rand(3, 64)
+    assert torch.equal(jitter(x, 0), x)
+    assert jitter(x, 1, image_shape=(8, 8)).shape == (3, 64)
+    with pytest.raises(ValueError, match="square"):
+        jitter(torch.rand(2, 20))
+    with pytest.raises(ValueError, match="image_shape"):
+        jitter(x, 1, image_shape=(4, 4))
+
+
+def test_positive_negative_takes_given_negative_labels():
+    x = torch.rand(5, 12)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    neg = torch.tensor([1, 2, 3, 4, 0])
+    _, x_neg = positive_negative(x, y, 10, negative_labels=neg)
+    assert torch.equal(x_neg[:, :10].argmax(1), neg)
+
+
+def test_idx_dir_missing_directory_and_mismatched_counts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_idx_dir(str(tmp_path / "nope"))
+    rng = np.random.default_rng(0)
+    for name, shape in (("train-images-idx3-ubyte", (5, 2, 2)), ("train-labels-idx1-ubyte", (4,)),
+                        ("t10k-images-idx3-ubyte", (3, 2, 2)), ("t10k-labels-idx1-ubyte", (3,))):
+        _write_idx(tmp_path / name, rng.integers(0, 10, shape), gz=False)
+    with pytest.raises(ValueError, match="differ"):
+        load_idx_dir(str(tmp_path))
