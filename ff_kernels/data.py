@@ -1,5 +1,5 @@
-"""Data helpers: label embedding, negative data (uniform and hard wrong labels), jitter, and the real
-data sets the main job trains on.
+"""Data helpers: label embedding, negative data (uniform and hard wrong labels; hybrid images for
+unsupervised FF), jitter, and the real data sets the main job trains on.
 
 Every sampler takes an optional ``torch.Generator`` and draws on that generator's device (the data's
 device when none is given), batched: nothing here loops over samples in Python or syncs the host.
@@ -130,6 +130,126 @@ def jitter(x: torch.Tensor, max_shift: int = 2, image_shape: Optional[tuple] = N
     cols = (torch.arange(w, device=x.device)[None, :] + s - shifts[1][:, None])  # [B, W]
     batch = torch.arange(b, device=x.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]].reshape(b, h * w)
+
+
+# ---------------------------------------------------------------- hybrid images (unsupervised FF)
+def _image_shape(width: int, image_shape, name: str = "x") -> tuple:
+    """(H, W) of rows of ``width`` pixels: ``image_shape`` checked, or the square they make."""
+    if image_shape is None:
+        side = int(round(width ** 0.5))
+        if side * side != width:
+            raise ValueError(f"image_shape: rows of {name} have {width} pixels, not a square: pass image_shape")
+        return side, side
+    h, w = _check_image_shape(image_shape)
+    if h * w != width:
+        raise ValueError(f"image_shape {(h, w)} does not match rows of {width} pixels")
+    return h, w
+
+
+def _check_image_shape(image_shape) -> tuple:
+    if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in image_shape)):
+        raise ValueError(f"image_shape must be (H, W) of positive ints, got {image_shape!r}")
+    return tuple(image_shape)
+
+
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def hybrid_blurs(image_shape) -> int:
+    """How often ``hybrid_mask`` blurs, for images of ``image_shape`` (H, W): round(6 * min(H, W) / 28),
+    at least 1. The paper blurs its 28x28 masks about 6 times; n blurs with [1/4, 1/2, 1/4] smooth
+    with a standard deviation of sqrt(n / 2) pixels, so scaling n with the side keeps the regions'
+    size a fixed fraction of the image (8x8 digits: 2, 4x4: 1)."""
+    h, w = _check_image_shape(image_shape)
+    return max(1, round(6 * min(h, w) / 28))
+
+
+def hybrid_mask(batch: int, image_shape, blurs: Optional[int] = None,
+                generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """[batch, H*W] bool masks with large regions of ones and zeros (the FF paper's hybrid negatives):
+    a random bit image blurred ``blurs`` times (default ``hybrid_blurs``) with the filter
+    [1/4, 1/2, 1/4] horizontally and vertically, edges replicated, then thresholded at 0.5 (an exact
+    0.5 keeps its original bit, so ones and zeros stay equally likely). Drawn on the generator's
+    device (``device`` when none is given), the whole batch at once."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    h, w = _check_image_shape(image_shape)
+    if blurs is None:
+        blurs = hybrid_blurs((h, w))
+    if isinstance(blurs, bool) or not isinstance(blurs, int) or blurs <= 0:
+        raise ValueError(f"blurs must be a positive int, got {blurs!r}")
+    _check_generator(generator)
+    dev = _draw_device(generator, torch.device(device) if device is not None else torch.device("cpu"))
+    bits = torch.randint(0, 2, (batch, h, w), generator=generator, device=dev, dtype=torch.uint8).bool()
+    m = bits.float()
+    for _ in range(blurs):
+        p = torch.nn.functional.pad(m[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+        m = 0.25 * p[:, :, :-2] + 0.5 * p[:, :, 1:-1] + 0.25 * p[:, :, 2:]  # horizontal: [B, H+2, W]
+        m = 0.25 * m[:, :-2] + 0.5 * m[:, 1:-1] + 0.25 * m[:, 2:]  # vertical: [B, H, W]
+    mask = (m > 0.5) | ((m == 0.5) & bits)
+    out = mask.reshape(batch, h * w)
+    return out if device is None else out.to(device)
+
+
+def partner_indices(n: int, labels: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """[n] int64: for every row i a partner j != i drawn uniformly, of a different class where
+    ``labels`` [n] are given (a row whose class fills the whole set gets a different row of its own
+    class: no host check, so no sync). Batched: sorted by class, a draw among the rows outside the
+    row's own block."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an int >= 2 (a partner must be a different row), got {n!r}")
+    _check_generator(generator)
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != (n,) or labels.is_floating_point():
+            raise ValueError(f"labels must be an integer tensor of shape ({n},), got "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        device = labels.device
+    dev = _draw_device(generator, torch.device(device) if device is not None else torch.device("cpu"))
+    rows = torch.arange(n, device=dev)
+    # any different row: a shift in [1, n) around the ring
+    other_row = (rows + torch.randint(1, n, (n,), generator=generator, device=dev)) % n
+    if labels is None:
+        return other_row if device is None else other_row.to(device)
+    lab = labels.to(dev).long()
+    sorted_labels, order = torch.sort(lab, stable=True)
+    # block of each row's class in the sorted order: [start, start + count)
+    first = torch.searchsorted(sorted_labels, lab, right=False)
+    count = torch.searchsorted(sorted_labels, lab, right=True) - first
+    others = n - count
+    r = (torch.rand(n, generator=generator, device=dev) * others).long().clamp_max((others - 1).clamp_min(0))
+    pos = torch.where(r >= first, r + count, r)
+    partner = torch.where(others > 0, order[pos.clamp_max(n - 1)], other_row)
+    return partner.to(labels.device)
+
+
+def hybrid_images(a: torch.Tensor, b: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                  image_shape=None, blurs: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Hybrid negatives [B, H*W]: a * mask + b * (1 - mask) with ``hybrid_mask`` (every pixel is
+    copied from a or from b), images whose short-range statistics are real and whose long-range
+    shape is not. ``b`` [B, H*W] gives the partner of each row of ``a``; without it each row is
+    paired with a different row of ``a`` (of a different class where ``labels`` are given, see
+    ``partner_indices``). ``image_shape`` defaults to the square of the row length."""
+    if not isinstance(a, torch.Tensor) or a.dim() != 2 or not a.is_floating_point():
+        raise ValueError(f"a must be a floating [B, H*W] tensor, got "
+                         f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+    shape = _image_shape(a.shape[1], image_shape, "a")
+    if b is None:
+        if a.shape[0] < 2:
+            raise ValueError(f"a must hold at least 2 rows to pair them (or pass b), got {a.shape[0]}")
+        b = a[partner_indices(a.shape[0], labels, generator, device=a.device if labels is None else None)
+              .to(a.device)]
+    elif labels is not None:
+        raise ValueError("labels pair the rows of a among themselves: give b or labels, not both")
+    elif not isinstance(b, torch.Tensor) or b.shape != a.shape or b.dtype != a.dtype or b.device != a.device:
+        raise ValueError(f"b must be a {tuple(a.shape)} {a.dtype} tensor on {a.device} (like a), got "
+                         f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+    mask = hybrid_mask(a.shape[0], shape, blurs, generator, device=a.device)
+    return torch.where(mask, a, b)
 
 
 def load_digits_split(test_fraction: float = 0.25, seed: int = 0):

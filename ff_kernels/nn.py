@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .config import FFConfig
-from .data import (embed_all_labels, embed_labels, embed_neutral_label, jitter as jitter_images,
-                   wrong_labels, wrong_labels_from_scores)
+from .data import (embed_all_labels, embed_labels, embed_neutral_label, hybrid_images,
+                   jitter as jitter_images, wrong_labels, wrong_labels_from_scores)
 from .ops import ff_layer_forward, ff_layer_step, sgd_update_
 
 _MOMENTUM_BUFFERS = ("momentum_weight", "momentum_bias")
@@ -258,6 +258,14 @@ class FFReadout(_TrainingState):
 
     @torch.no_grad()
     def train_step(self, features, labels, lr_gain: float = 1.0):
+        logits, loss, grads = self.gradients(features, labels)
+        self.apply_gradients(grads, lr_gain)
+        return logits, loss
+
+    @torch.no_grad()
+    def gradients(self, features, labels):
+        """(logits [B, C], loss, [grad_weight, grad_bias?]) of the mean cross-entropy, in float32
+        (float64 for float64 weights), before any update: what data-parallel ranks all-reduce."""
         acc = _accumulation_dtype(self.weight.dtype)
         f = features.to(acc)
         w = self.weight.data.to(acc)
@@ -272,6 +280,11 @@ class FFReadout(_TrainingState):
         grads = [grad_logits.t() @ f]
         if self.bias is not None:
             grads.append(grad_logits.sum(0))
+        return logits, loss, grads
+
+    @torch.no_grad()
+    def apply_gradients(self, grads, lr_gain: float = 1.0) -> None:
+        """The readout's SGD rule (momentum, dampening, weight decay) for ``gradients``' list."""
         params = [self.weight, self.bias] if self.bias is not None else [self.weight]
         names = _MOMENTUM_BUFFERS[:len(params)]
         for p, g, name in zip(params, grads, names):
@@ -281,7 +294,6 @@ class FFReadout(_TrainingState):
                               decoupled_weight_decay=self.decoupled_weight_decay)
             if self.momentum and self._buffers.get(name) is None:
                 self._buffers[name] = buf
-        return logits, loss
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, lr={self.lr}, "
@@ -307,6 +319,56 @@ def lr_gain(schedule: str, epoch: int, epochs: Optional[int]) -> float:
         return 1.0 if epoch <= epochs / 2 else (1 + 2 * (epochs - epoch)) / epochs
     i = epoch - 1
     return 1.0 if i <= epochs // 2 else 2 * (1 + epochs - i) / epochs
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def epoch_loop(net: "FFNet", x, batch_size: int, generator, drop_last: bool, step) -> dict:
+    """The loop every epoch shares (supervised, unsupervised, data parallel): a shuffled order of
+    x's rows drawn on the generator's device, ``step(idx)`` -> FFTrainOutput per batch of indices,
+    and the epoch's statistics kept as device tensors (no host sync): per-layer mean loss (None
+    when no layer trained), per-layer count of non-finite steps, mean readout loss or None."""
+    n = x.shape[0]
+    dev = generator.device if generator is not None else x.device
+    order = torch.randperm(n, generator=generator, device=dev).to(x.device)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    losses, readout_losses, nonfinite = [], [], []
+    for i in range(0, stop, batch_size):
+        out = step(order[i:i + batch_size])
+        if out.layers:
+            losses.append(torch.stack([o.loss for o in out.layers]))
+            nonfinite.append(torch.stack([o.nonfinite for o in out.layers]))
+        if out.readout_loss is not None:
+            readout_losses.append(out.readout_loss)
+    zeros = torch.zeros(len(net.layers), dtype=torch.long, device=x.device)
+    return {"loss": torch.stack(losses).mean(0) if losses else None,
+            "nonfinite_steps": torch.stack(nonfinite).sum(0) if nonfinite else zeros,
+            "readout_loss": torch.stack(readout_losses).mean() if readout_losses else None}
+
+
+def labelled_epoch(net: "FFNet", train_labels, all_label_scores, x, labels, batch_size: int, generator,
+                   jitter: int, drop_last: bool, score_batch: int) -> dict:
+    """``FFNet.train_epoch`` with its two steps given: ``train_labels(xb, yb, generator,
+    negative_labels=...)`` and ``all_label_scores(x, score_batch)`` (one process's, or a data-parallel
+    wrapper's that shards the work)."""
+    _check_batch_size(batch_size)
+    net._check_batch(x=x)
+    net.start_epoch()
+    scores = None
+    if net.negatives == "hard" and net.readout is None:
+        scores = all_label_scores(x, score_batch)
+
+    def step(idx):
+        xb, yb = x[idx], labels[idx]
+        neg = None if scores is None else wrong_labels_from_scores(scores[idx], yb, generator)
+        if jitter:
+            xb = jitter_images(xb, jitter, generator=generator)
+        return train_labels(xb, yb, generator, negative_labels=neg)
+
+    return epoch_loop(net, x, batch_size, generator, drop_last, step)
 
 
 @dataclass
@@ -345,6 +407,10 @@ class FFNet(nn.Module):
     skip_nonfinite (default True): a layer step that meets NaN/inf applies no update (fused SGD; an
     optimizer still steps) and flags it in ``out.nonfinite``; ``train_epoch`` counts such steps
     per layer, so a loop can stop at the epoch's end without a host sync per step.
+    unsupervised (default False): the FF paper's unsupervised experiment. The input rows are pixels
+    only (no label embedded), the layers learn from real images against hybrid images
+    (``train_unsupervised``/``train_unsupervised_epoch``, never a label) and the readout, which must
+    predict, classifies the plain images (labels reach the readout only, on detached features).
     """
 
     def __init__(self, sizes: Sequence[int], config: Union[FFConfig, Sequence[FFConfig], None] = None,
@@ -354,7 +420,7 @@ class FFNet(nn.Module):
                  decoupled_weight_decay: bool = False, input_norm: str = "auto", num_classes: int = 10,
                  readout=None, negatives: str = "uniform", predict: str = "goodness",
                  lr_schedule: str = "constant", epochs: Optional[int] = None, init: str = "linear",
-                 skip_nonfinite: bool = True):
+                 skip_nonfinite: bool = True, unsupervised: bool = False):
         super().__init__()
         sizes = list(sizes)
         if len(sizes) < 2:
@@ -411,6 +477,13 @@ class FFNet(nn.Module):
                                      dtype=self.layers[0].weight.dtype, **spec)
         if predict == "readout" and self.readout is None:
             raise ValueError("predict='readout' needs a readout (readout=True or a dict)")
+        if not isinstance(unsupervised, bool):
+            raise TypeError("unsupervised must be a bool")
+        # unsupervised: the input is pixels only (no label slots); only a readout can classify
+        if unsupervised and predict != "readout":
+            raise ValueError("unsupervised=True classifies with the readout only: pass predict='readout' "
+                             "(goodness prediction needs a label in the input)")
+        self.unsupervised = unsupervised
 
         self.optimizers = None
         if optimizer == "adam":
@@ -615,6 +688,8 @@ class FFNet(nn.Module):
         self._check_batch(x=x)
         if not isinstance(labels, torch.Tensor) or labels.shape != (x.shape[0],) or labels.is_floating_point():
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},)")
+        if self.unsupervised:
+            raise ValueError("this net is unsupervised (no label in its input): use train_unsupervised")
         c = self.num_classes
         x_pos = embed_labels(x, labels, c)
         readout_loss, scores = None, None
@@ -636,32 +711,67 @@ class FFNet(nn.Module):
         ``train_labels`` per batch, each image shifted by up to ``jitter`` pixels first. Returns
         {"loss": per-layer mean loss [L] tensor, "readout_loss": mean or None, "nonfinite_steps":
         per-layer count [L] of steps that met NaN/inf} (tensors: no host sync)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return labelled_epoch(self, self.train_labels, self.all_label_scores, x, labels, batch_size,
+                              generator, jitter, drop_last, score_batch)
+
+    @torch.no_grad()
+    def all_label_scores(self, x, score_batch: int = 2048) -> torch.Tensor:
+        """``label_scores`` of every row of x, ``score_batch`` rows (times C labels) at a time."""
+        return torch.cat([self.label_scores(x[i:i + score_batch]) for i in range(0, x.shape[0], score_batch)])
+
+    def train_unsupervised(self, x, labels=None, generator: Optional[torch.Generator] = None,
+                           partners: Optional[torch.Tensor] = None, image_shape=None,
+                           blurs: Optional[int] = None, train_layers: bool = True) -> FFTrainOutput:
+        """One unsupervised step (``unsupervised=True`` nets): positives are the images ``x`` [B, H*W],
+        negatives fresh hybrids of x with ``partners`` (the same shape; default: other rows of x)
+        through ``data.hybrid_mask`` (``blurs``, default by image size). The readout, if any and
+        given ``labels``, steps first on the detached features of x (weights from before this step,
+        as in ``train_labels``); the layers never see a label. ``train_layers=False`` trains the
+        readout only (the untrained-network baseline). ``negative_labels`` of the output is None."""
+        if not self.unsupervised:
+            raise ValueError("train_unsupervised needs a net built with unsupervised=True (its input "
+                             "holds no label slots)")
         self._check_batch(x=x)
-        self.start_epoch()
+        x_neg = hybrid_images(x, partners, image_shape=image_shape, blurs=blurs, generator=generator)
+        readout_loss = None
+        if self.readout is not None and labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != (x.shape[0],) or labels.is_floating_point():
+                raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},)")
+            feats = self.readout_features(x)
+            readout_loss = self.readout.train_step(feats, labels.to(feats.device), self._lr_gain)[1]
+        layers = self.train_step(x, x_neg) if train_layers else []
+        return FFTrainOutput(layers, readout_loss, None)
+
+    def train_unsupervised_epoch(self, x, labels=None, batch_size: int = 100,
+                                 generator: Optional[torch.Generator] = None, image_shape=None,
+                                 blurs: Optional[int] = None, jitter: int = 0, drop_last: bool = False,
+                                 train_layers: bool = True) -> dict:
+        """One epoch of ``train_unsupervised`` over images x in shuffled mini-batches; each image's
+        hybrid partner is another image of the whole set (so even a last batch of one has one),
+        drawn fresh every batch; ``jitter`` shifts positives and partners first. ``labels`` (optional)
+        train the readout only. Returns train_epoch's dict ("loss" None when ``train_layers`` is
+        False); tensors only, no host sync."""
+        _check_batch_size(batch_size)
+        self._check_batch(x=x)
         n = x.shape[0]
+        if n < 2:
+            raise ValueError(f"x must hold at least 2 images (hybrids mix two), got {n}")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (n,)):
+            raise ValueError(f"labels must be a tensor of shape ({n},) (one per image) or None")
+        self.start_epoch()
         dev = generator.device if generator is not None else x.device
-        order = torch.randperm(n, generator=generator, device=dev).to(x.device)
-        scores = None
-        if self.negatives == "hard" and self.readout is None:
-            scores = torch.cat([self.label_scores(x[i:i + score_batch]) for i in range(0, n, score_batch)])
-        stop = n - n % batch_size if drop_last and n >= batch_size else n
-        losses, readout_losses, nonfinite = [], [], []
-        for i in range(0, stop, batch_size):
-            idx = order[i:i + batch_size]
-            xb, yb = x[idx], labels[idx]
-            neg = None if scores is None else wrong_labels_from_scores(scores[idx], yb, generator)
+
+        def step(idx):
+            # a shift in [1, n) around the data set: always a different image
+            shift = torch.randint(1, n, idx.shape, generator=generator, device=dev).to(x.device)
+            xb, partners = x[idx], x[(idx + shift) % n]
             if jitter:
-                xb = jitter_images(xb, jitter, generator=generator)
-            out = self.train_labels(xb, yb, generator, negative_labels=neg)
-            losses.append(torch.stack([o.loss for o in out.layers]))
-            nonfinite.append(torch.stack([o.nonfinite for o in out.layers]))
-            if out.readout_loss is not None:
-                readout_losses.append(out.readout_loss)
-        return {"loss": torch.stack(losses).mean(0),
-                "nonfinite_steps": torch.stack(nonfinite).sum(0),
-                "readout_loss": torch.stack(readout_losses).mean() if readout_losses else None}
+                both = jitter_images(torch.cat([xb, partners]), jitter, image_shape, generator=generator)
+                xb, partners = both[:len(idx)], both[len(idx):]
+            return self.train_unsupervised(xb, None if labels is None else labels[idx], generator, partners,
+                                           image_shape, blurs, train_layers)
+
+        return epoch_loop(self, x, batch_size, generator, drop_last, step)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -688,6 +798,9 @@ class FFNet(nn.Module):
         skip = self.skip_first_goodness if skip_first_goodness is None else skip_first_goodness
         c = self.num_classes if num_classes is None else _check_num_classes(num_classes)
         self._check_batch(x=x)
+        if self.unsupervised:
+            raise ValueError("an unsupervised net has no label in its input: goodness cannot score "
+                             "labels, predict with the readout")
         b = x.shape[0]
         g = self.goodness(embed_all_labels(x, c))
         if skip and g.shape[1] > 1:
@@ -712,11 +825,14 @@ class FFNet(nn.Module):
 
     @torch.no_grad()
     def readout_logits(self, x) -> torch.Tensor:
-        """Readout logits [B, C] for images x (the neutral label embedded here)."""
+        """Readout logits [B, C] for images x (the neutral label embedded here; an unsupervised net
+        reads the plain images)."""
         if self.readout is None:
             raise ValueError("this net has no readout (construct it with readout=True or a dict)")
         self._check_batch(x=x)
-        return self.readout(self.readout_features(embed_neutral_label(x, self.num_classes)))
+        # an unsupervised net's input is the plain image (no label slots to fill)
+        x = x if self.unsupervised else embed_neutral_label(x, self.num_classes)
+        return self.readout(self.readout_features(x))
 
     @torch.no_grad()
     def predict(self, x, num_classes: Optional[int] = None, skip_first_goodness: Optional[bool] = None,
@@ -738,8 +854,9 @@ class FFNet(nn.Module):
     @torch.no_grad()
     def live_fraction(self, x, labels, min_active: float = 0.01) -> torch.Tensor:
         """[L]: the fraction of each layer's units that are live, i.e. active (h > 0) on at least
-        ``min_active`` of the rows of images x with their true labels embedded."""
-        outs = self.layer_outputs(embed_labels(x, labels, self.num_classes))
+        ``min_active`` of the rows of images x with their true labels embedded (plain images for an
+        unsupervised net)."""
+        outs = self.layer_outputs(x if self.unsupervised else embed_labels(x, labels, self.num_classes))
         return torch.stack([((y > 0).float().mean(0) >= min_active).float().mean() for y, _ in outs])
 
 

@@ -3,6 +3,7 @@
     python -m ff_kernels.train                       # scikit-learn's digits, ships offline
     python -m ff_kernels.train --dataset idx --data-dir /usr/share/datasets/fashion-mnist
     python -m ff_kernels.train --preset hinton --negatives hard --predict readout --jitter
+    python -m ff_kernels.train --mode unsupervised --sizes 256,256,256   # the paper's unsupervised FF
 
 Presets (FFNet one-liners, see ff_kernels/nn.py): recipe (the popular PyTorch recipe), hinton
 (Hinton's released code), loewex (loeweX/Forward-Forward).
@@ -24,8 +25,9 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .backends import select_backend
-from .data import load_digits_split, load_idx_dir
+from .data import hybrid_blurs, load_digits_split, load_idx_dir
 from .nn import FFNet
 
 
@@ -127,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one pass); default: the preset's")
     p.add_argument("--jitter", type=_nonnegative_int, nargs="?", const=2, default=0, metavar="PIXELS",
                    help="shift every training image by up to PIXELS (default 2) in each direction")
+    p.add_argument("--mode", choices=("supervised", "unsupervised"), default="supervised",
+                   help="supervised: the label embedded in the input, wrong labels as negatives; "
+                        "unsupervised (the FF paper's first experiment): the layers learn real images "
+                        "against hybrid images and never see a label, a linear softmax readout on the "
+                        "layers above the first classifies")
+    p.add_argument("--blurs", type=_positive_int, default=None,
+                   help="--mode unsupervised: blurs of the hybrid mask; default round(6 * side / 28), "
+                        "at least 1 (6 for 28x28, 2 for 8x8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="auto | torch | triton | cuda")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
@@ -168,6 +178,15 @@ def parse_args(argv=None, parser: Optional[argparse.ArgumentParser] = None):
                      "IDX files")
     if args.dataset == "digits" and args.data_dir:
         parser.error("argument --data-dir: only --dataset idx reads a data directory")
+    if args.mode == "unsupervised":
+        if args.predict == "goodness":
+            parser.error("argument --predict: goodness prediction needs the label in the input; "
+                         "--mode unsupervised classifies with its readout only")
+        if args.negatives is not None:
+            parser.error("argument --negatives: wrong labels make no sense in --mode unsupervised "
+                         "(its negatives are hybrid images)")
+    elif args.blurs is not None:
+        parser.error("argument --blurs: only --mode unsupervised makes hybrid images")
     return args
 
 
@@ -187,9 +206,12 @@ def accuracy(net: FFNet, x, y, method: Optional[str] = None, batch: int = 2048) 
 
 
 def build_net(preset: str, sizes, epochs: int, *, lr=None, negatives=None, predict=None,
-              backend="auto", device=None) -> FFNet:
-    """The preset's FFNet for ``sizes`` (input width first) and ``epochs``, with the CLI's overrides."""
+              backend="auto", device=None, unsupervised: bool = False) -> FFNet:
+    """The preset's FFNet for ``sizes`` (input width first) and ``epochs``, with the CLI's overrides.
+    ``unsupervised``: the FF paper's unsupervised net (plain images in, readout prediction)."""
     kw = {"backend": backend, "device": device}
+    if unsupervised:
+        kw["unsupervised"], predict = True, "readout"
     if lr is not None:
         kw["lr"] = lr
     if negatives is not None:
@@ -211,17 +233,20 @@ def main(argv=None) -> dict:
         return _run(args, parser)
     finally:
         torch.set_num_threads(threads)  # main() also runs in-process (tests, notebooks)
+        distributed.shutdown()  # the process group a torchrun launch made, if any
 
 
 def _run(args, parser) -> dict:
     torch.manual_seed(args.seed)
-    device = args.device
+    # under torchrun: one process per rank, each stepping its shard of every global batch
+    rank, world_size, device = distributed.init_from_env(args.device)
     (x_tr, y_tr, x_te, y_te), num_classes = load_data(args, parser)
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
-    if args.jitter:
+    if args.jitter or args.mode == "unsupervised":
         side = int(round(x_tr.shape[1] ** 0.5))
         if side * side != x_tr.shape[1]:
-            parser.error(f"argument --jitter: images of {x_tr.shape[1]} pixels are not square")
+            name = "--jitter" if args.jitter else "--mode"
+            parser.error(f"argument {name}: images of {x_tr.shape[1]} pixels are not square")
 
     args.preset = args.preset or DEFAULT_PRESET[args.dataset]
     preset = PRESETS[args.preset]
@@ -229,16 +254,26 @@ def _run(args, parser) -> dict:
     args.epochs = args.epochs or DEFAULT_EPOCHS[args.dataset]
     args.batch_size = args.batch_size or preset.batch_size
     net = build_net(args.preset, [x_tr.shape[1], *hidden], args.epochs, lr=args.lr, negatives=args.negatives,
-                    predict=args.predict, backend=args.backend, device=device)
+                    predict=args.predict, backend=args.backend, device=device,
+                    unsupervised=args.mode == "unsupervised")
     backend = select_backend(args.backend, device, x_tr.dtype).name
     gen = torch.Generator(device=device).manual_seed(args.seed)
     methods = ["goodness", "readout"] if net.readout is not None else ["goodness"]
+    if world_size > 1 and net.unsupervised:
+        parser.error("argument --mode: unsupervised training does not run data-parallel (torchrun) yet")
+    trainer = distributed.DataParallelFF(net) if world_size > 1 else net
+    if net.unsupervised:
+        methods = ["readout"]  # no label in the input: nothing for goodness to compare
 
     history, train_seconds, seen = [], 0.0, 0
-    bar = tqdm(range(args.epochs), desc="epochs", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(range(args.epochs), desc="epochs", disable=args.no_progress or rank > 0, file=sys.stderr)
     for epoch in bar:
         start = time.perf_counter()
-        stats = net.train_epoch(x_tr, y_tr, args.batch_size, gen, jitter=args.jitter)
+        if net.unsupervised:  # labels reach the readout only (detached features)
+            stats = net.train_unsupervised_epoch(x_tr, y_tr, args.batch_size, gen, blurs=args.blurs,
+                                                 jitter=args.jitter)
+        else:
+            stats = trainer.train_epoch(x_tr, y_tr, args.batch_size, gen, jitter=args.jitter)
         losses = stats["loss"].tolist()  # one host sync per epoch
         nonfinite = stats["nonfinite_steps"].tolist()
         readout_loss = None if stats["readout_loss"] is None else float(stats["readout_loss"])
@@ -247,7 +282,8 @@ def _run(args, parser) -> dict:
         seconds = time.perf_counter() - start
         train_seconds += seconds
         seen += len(x_tr)
-        by_method = {m: accuracy(net, x_te, y_te, m) for m in methods}  # evaluation: not training time
+        by_method = {m: trainer.accuracy(x_te, y_te, m) if world_size > 1 else accuracy(net, x_te, y_te, m)
+                     for m in methods}  # evaluation: not training time
         live = net.live_fraction(x_te[:1000], y_te[:1000]).tolist()
         record = {"epoch": epoch + 1, "loss": [round(v, 5) for v in losses],
                   "readout_loss": None if readout_loss is None else round(readout_loss, 5),
@@ -258,12 +294,13 @@ def _run(args, parser) -> dict:
         msg = (f"epoch {epoch + 1}: loss per layer {record['loss']}, test accuracy "
                + ", ".join(f"{m} {a:.4f}" for m, a in by_method.items())
                + f", live units per layer {record['live_units']}, {seconds:.1f} s")
-        bar.write(msg) if not args.no_progress else print(msg, file=sys.stderr)
+        if rank == 0:
+            bar.write(msg) if not args.no_progress else print(msg, file=sys.stderr)
         if any(nonfinite):
             bar.close()
-            parser.exit(1, f"{parser.prog}: stopped after epoch {epoch + 1}: NaN/inf reached "
-                           f"{nonfinite} steps per layer (their updates were skipped); lower --lr or "
-                           f"check the data\n")
+            message = (f"{parser.prog}: stopped after epoch {epoch + 1}: NaN/inf reached {nonfinite} "
+                       f"steps per layer (their updates were skipped); lower --lr or check the data\n")
+            parser.exit(1, message if rank == 0 else None)
 
     last = history[-1]
     result = {
@@ -277,16 +314,20 @@ def _run(args, parser) -> dict:
         "history": history,
         "backend": backend,
         "device": str(device),
+        "world_size": world_size,
         "config": {"dataset": args.dataset, "preset": args.preset, "sizes": [x_tr.shape[1], *hidden],
                    "epochs": args.epochs, "batch_size": args.batch_size, "lr": net.lr,
                    "optimizer": "sgd" if net.optimizers is None else type(net.optimizers[0]).__name__.lower(),
                    "momentum": net.momentum, "dampening": net.dampening, "weight_decay": net.weight_decay,
                    "decoupled_weight_decay": net.decoupled_weight_decay, "lr_schedule": net.lr_schedule,
-                   "negatives": net.negatives, "predict": net.predict_method, "jitter": args.jitter,
+                   "negatives": "hybrid" if net.unsupervised else net.negatives,
+                   "predict": net.predict_method, "jitter": args.jitter, "mode": args.mode,
+                   "blurs": hybrid_blurs((side, side)) if net.unsupervised and not args.blurs else args.blurs,
                    "input_norm": net.input_norm, "seed": args.seed, "threads": torch.get_num_threads(),
                    **dataclasses.asdict(net.layers[0].config)},
     }
-    print(json.dumps(result))
+    if rank == 0:
+        print(json.dumps(result))
     return result
 
 

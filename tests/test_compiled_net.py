@@ -80,3 +80,41 @@ def test_captured_step_replays_like_eager_without_host_sync(preset):
     for x_pos, x_neg in batches[:2]:
         step(x_pos, x_neg), eager.train_step(x_pos, x_neg)
     _assert_same_state(eager, captured, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, negatives", [("hinton", "hard"), ("loewex", "uniform"),
+                                               (None, "hard")])
+def test_a_whole_epoch_reads_nothing_back_to_the_host(monkeypatch, preset, negatives):
+    """The main job's epoch (shuffle, jitter, negatives, readout, every layer) stays on the device:
+    on a GPU nothing inside it may wait for a value (no .item(), .tolist(), bool() of a tensor).
+    None: the fused SGD without a readout, hard negatives from per-epoch goodness scores."""
+    sizes = [64, 12, 10]
+    net = FFNet(sizes, negatives=negatives) if preset is None else \
+        getattr(FFNet, preset)(sizes, negatives=negatives, epochs=3)
+    x, y = torch.rand(40, 64), torch.randint(0, 10, (40,))
+    gen = torch.Generator().manual_seed(0)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read inside an epoch")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    stats = net.train_epoch(x, y, batch_size=16, generator=gen, jitter=2)
+    monkeypatch.undo()
+    assert stats["loss"].shape == (2,) and stats["nonfinite_steps"].tolist() == [0, 0]
+
+
+def test_an_unsupervised_epoch_reads_nothing_back_to_the_host(monkeypatch):
+    """Hybrid negatives, partners, jitter, layers and readout: all on the device within the epoch."""
+    net = FFNet.hinton([64, 12, 10, 10], epochs=3, unsupervised=True)
+    x, y = torch.rand(40, 64), torch.randint(0, 10, (40,))
+    gen = torch.Generator().manual_seed(0)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read inside an epoch")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    stats = net.train_unsupervised_epoch(x, y, batch_size=16, generator=gen, jitter=1)
+    monkeypatch.undo()
+    assert stats["loss"].shape == (3,) and stats["readout_loss"] is not None

@@ -268,3 +268,34 @@ def test_skip_nonfinite_must_be_a_bool():
     x_pos, x_neg, w, b = make_layer(3, 3, k=4, n=2)
     with pytest.raises(TypeError, match="skip_nonfinite"):
         ffk.ff_layer_step(x_pos, x_neg, w, b, skip_nonfinite=1)
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(num_classes=0), ValueError, "num_classes"),
+    (dict(num_classes=-3), ValueError, "num_classes"),
+    (dict(num_classes=2.5), ValueError, "num_classes"),
+    (dict(num_classes=True), ValueError, "num_classes"),
+    (dict(method="votes"), ValueError, "method"),
+])
+def test_ffnet_predict_rejects_bad_arguments_by_name(kwargs, error, name):
+    net = ffk.FFNet([20, 12], readout=True)
+    with pytest.raises(error, match=name):
+        net.predict(torch.rand(3, 20), **kwargs)
+
+
+@pytest.mark.parametrize("x, error, name", [
+    (torch.rand(3, 19), ValueError, "features"),
+    (torch.rand(3, 20, dtype=torch.float64), TypeError, "dtype"),
+    ([[0.0] * 20], TypeError, "torch.Tensor"),
+])
+def test_ffnet_predict_checks_the_batch(x, error, name):
+    net = ffk.FFNet([20, 12], readout=True)
+    for method in ("goodness", "readout"):
+        with pytest.raises(error, match=name):
+            net.predict(x, method=method)
+
+
+@pytest.mark.parametrize("sizes", [[20, 0], [20], [0, 5], [20, -1], [20, 3.0]])
+def test_ffnet_rejects_bad_sizes(sizes):
+    with pytest.raises(ValueError, match="sizes"):
+        ffk.FFNet(sizes)
