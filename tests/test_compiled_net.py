@@ -82,6 +82,15 @@ def test_captured_step_replays_like_eager_without_host_sync(preset):
     _assert_same_state(eager, captured, rtol=1e-4, atol=1e-5)
 
 
+def _forbid_host_reads(monkeypatch):
+    """Any read of a tensor's value on the host (what would wait for a GPU) fails the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read inside an epoch")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+
 @pytest.mark.parametrize("preset, negatives", [("hinton", "hard"), ("loewex", "uniform"),
                                                (None, "hard")])
 def test_a_whole_epoch_reads_nothing_back_to_the_host(monkeypatch, preset, negatives):
@@ -94,11 +103,7 @@ def test_a_whole_epoch_reads_nothing_back_to_the_host(monkeypatch, preset, negat
     x, y = torch.rand(40, 64), torch.randint(0, 10, (40,))
     gen = torch.Generator().manual_seed(0)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host read inside an epoch")
-
-    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    _forbid_host_reads(monkeypatch)
     stats = net.train_epoch(x, y, batch_size=16, generator=gen, jitter=2)
     monkeypatch.undo()
     assert stats["loss"].shape == (2,) and stats["nonfinite_steps"].tolist() == [0, 0]
@@ -110,11 +115,7 @@ def test_an_unsupervised_epoch_reads_nothing_back_to_the_host(monkeypatch):
     x, y = torch.rand(40, 64), torch.randint(0, 10, (40,))
     gen = torch.Generator().manual_seed(0)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host read inside an epoch")
-
-    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    _forbid_host_reads(monkeypatch)
     stats = net.train_unsupervised_epoch(x, y, batch_size=16, generator=gen, jitter=1)
     monkeypatch.undo()
     assert stats["loss"].shape == (3,) and stats["readout_loss"] is not None
