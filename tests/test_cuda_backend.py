@@ -24,7 +24,7 @@ import torch
 
 import ff_kernels as ffk
 from tests.conftest import requires_cuda
-from tests.utils import (ALL_CONFIGS, FEW_ROWS, TOLERANCE, assert_step_close, config_id,
+from tests.utils import (ALL_CONFIGS, fp16_range_inputs, FEW_ROWS, TOLERANCE, assert_step_close, config_id,
                          float64_reference, gradient_term_norms, make_layer, rel_err,
                          rel_err_in_dtype)
 
@@ -650,22 +650,8 @@ def test_nan_reaches_the_loss(dt, where, tf32_mode):
 def test_fp16_range(case):
     """fp16 must not overflow or underflow where the float32 reference does not (DESIGN 6): x ~
     U(0, 255); |h| ~ 1e5 > 65504 with y normalised to O(1); |h| ~ 1e-6 with y O(1)."""
-    gen = torch.Generator().manual_seed(7)
-    m_pos, k, n = 24, 64, 40
-    norm = "l2" if case.endswith("l2") else "rms"
-    x = torch.rand(2 * m_pos + 1, k, generator=gen) * 255
-    w = torch.randn(n, k, generator=gen) / k ** 0.5
-    b = torch.randn(n, generator=gen) * 0.1
-    config = ffk.FFConfig(goodness="mean", norm=norm, theta=2e4)
-    if case == "huge-h":
-        w = torch.rand(n, k, generator=gen) * 24
-        b = b * 1e3
-        config = ffk.FFConfig(goodness="mean", norm="rms", theta=1e10)
-    elif case == "tiny-h":
-        x = torch.rand(2 * m_pos + 1, k, generator=gen)
-        w, b = w * 1e-6, b * 1e-6
-        config = ffk.FFConfig(goodness="mean", norm="rms", theta=3e-12, eps=1e-12)
-    x_pos, x_neg, w, b = (t.to("cuda", torch.float16) for t in (x[:m_pos], x[m_pos:], w, b))
+    x_pos, x_neg, w, b, config = fp16_range_inputs(case)
+    x_pos, x_neg, w, b = (t.to("cuda", torch.float16) for t in (x_pos, x_neg, w, b))
     tol = TOLERANCE[torch.float16]
     ref, _, _ = float64_reference(x_pos, x_neg, w, b, config)
     out = ffk.ff_layer_step(x_pos, x_neg, w, b, config=config, backend="cuda")

@@ -114,3 +114,25 @@ def assert_step_close(out, ref, tol, what="", grad_scales=(None, None)):
         errs["grad_bias"] = rel_err_in_dtype(out.grad_bias, ref.grad_bias, grad_scales[1])
     bad = {k: v for k, v in errs.items() if not v <= tol}  # "not <=" also catches NaN
     assert not bad, f"{what} errors above {tol}: {bad} (all: {errs})"
+
+
+def fp16_range_inputs(case: str):
+    """The fp16 range cases (DESIGN 6), in float32 on the CPU: "u0-255-rms"/"u0-255-l2" (x ~ U(0, 255),
+    |h| in the hundreds), "huge-h" (|h| ~ 1e5 > 65504, y normalised to O(1)), "tiny-h" (|h| ~ 1e-6,
+    below fp16's normal range). Returns (x_pos, x_neg, w, b, config)."""
+    gen = torch.Generator().manual_seed(7)
+    m_pos, k, n = 24, 64, 40
+    norm = "l2" if case.endswith("l2") else "rms"
+    x = torch.rand(2 * m_pos + 1, k, generator=gen) * 255
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, generator=gen) * 0.1
+    config = ffk.FFConfig(goodness="mean", norm=norm, theta=2e4)
+    if case == "huge-h":
+        w = torch.rand(n, k, generator=gen) * 24
+        b = b * 1e3
+        config = ffk.FFConfig(goodness="mean", norm="rms", theta=1e10)
+    elif case == "tiny-h":
+        x = torch.rand(2 * m_pos + 1, k, generator=gen)
+        w, b = w * 1e-6, b * 1e-6
+        config = ffk.FFConfig(goodness="mean", norm="rms", theta=3e-12, eps=1e-12)
+    return x[:m_pos], x[m_pos:], w, b, config
